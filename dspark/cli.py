@@ -33,8 +33,14 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
+    parser = _Parser(prog="dspark", description="DSpark speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, target in COMMANDS.items():
         if isinstance(target, dict):

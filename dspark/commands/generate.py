@@ -1,0 +1,72 @@
+"""Generate a reply with the embedded engine, streaming text to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from dspark.commands.common import (
+    EngineSpec,
+    add_model_arguments,
+    add_sampling_arguments,
+    build_engine,
+    sampling_from_args,
+)
+from dspark.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="user message")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    params = sampling_from_args(args)  # validates before the (slow) model load
+    spec = EngineSpec.from_args(args)
+    target, engine, method = build_engine(spec)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    prompt_ids = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    stream = None if args.json else target.tokenizer.stream_decoder()
+
+    def on_tokens(_seq_id: int, tokens: list[int], finished: bool) -> None:
+        if stream is not None:
+            sys.stdout.write(stream.push(tokens) + (stream.flush() if finished else ""))
+            sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    [out] = engine.generate([prompt_ids], params, on_tokens)
+    wall = time.perf_counter() - t0
+    if not args.json:
+        sys.stdout.write("\n")
+        print(f"[{method}] {len(out.token_ids)} tokens in {wall:.2f}s "
+              f"({len(out.token_ids) / wall:.1f} tok/s, tau {out.mean_accepted_length:.2f})", file=sys.stderr)
+        return 0
+    result = {
+        "model": target.name,
+        "method": method,
+        "text": target.tokenizer.decode(out.token_ids),
+        "token_ids": out.token_ids,
+        "prompt_tokens": len(prompt_ids),
+        "num_new_tokens": len(out.token_ids),
+        "finish_reason": out.finish_reason,
+        "wall_s": wall,
+        "ttft_s": out.ttft_s,
+        "tokens_per_s": len(out.token_ids) / wall if wall > 0 else 0.0,
+        "mean_accepted_length": out.mean_accepted_length,
+        "num_target_forwards": out.num_verify_steps + 1,
+        "accepted_per_position": out.accepted_per_position,
+        "drafted_per_position": out.drafted_per_position,
+        "dtype": args.dtype,
+        "block_size": args.block_size if method != "ar" else 0,
+        "verify_policy": args.verify_policy,
+    }
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,233 @@
+"""The embedded engine: continuous batching of speculative (or plain) decoding.
+
+Every step admits waiting requests (one batched prefill), then runs one round for every
+running sequence: the proposer drafts up to K tokens per sequence, the verification policy
+picks how many of them to check, the target scores `[anchor, drafts...]` of all sequences
+in ONE forward, and each sequence keeps its accepted prefix plus the target's own token.
+Plain autoregressive decoding is the same round with zero drafts.
+
+KV invariant: a sequence's cache slot holds every committed token except the last one (the
+pending anchor). A round writes anchor + drafts, then rolls back past the accepted prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import deque
+
+import torch
+
+from dspark.models.runner import ModelRunner, SeqInput
+from dspark.engine.sequence import FinishReason, RequestOutput, Sequence, StreamCallback
+from dspark.errors import UserError
+from dspark.models.transformer import CausalLM
+from dspark.spec.proposer import Draft, DraftRequest, Proposer
+from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from dspark.spec.verify import verify
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16  # sequences decoded together (also the number of KV slots)
+    max_seq_len: int = 2048  # prompt + output tokens per sequence
+    block_size: int = 7  # K: drafts per round (ignored without a proposer)
+    verify_policy: str = "fixed"  # fixed | threshold | confidence
+    confidence_threshold: float = 0.5
+
+
+@dataclasses.dataclass
+class StepStats:
+    num_seqs: int = 0
+    num_prefill: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    drafted_per_position: list[int] = dataclasses.field(default_factory=list)
+    verify_tokens: int = 0  # target tokens in the verification forward (anchors + drafts)
+    prefill_s: float = 0.0
+    propose_s: float = 0.0
+    verify_s: float = 0.0
+    step_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
+                 proposer: Proposer | None = None, config: EngineConfig | None = None,
+                 policy: object | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
+        self.cache = model.new_cache(self.config.max_batch_size, max_len)
+        self.runner = ModelRunner(model, self.cache)
+        self.proposer = proposer
+        self.policy = policy  # dspark.spec.scheduler policy; None = verify every draft
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.taps = tuple(proposer.feature_layers) if proposer is not None else ()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.finished: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    on_tokens: StreamCallback | None = None) -> int:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(prompt_ids) >= self.cache.max_len:
+            raise UserError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.cache.max_len}")
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= set(self.eos_token_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, frozenset(stops),
+                       make_generator(params.seed, self.runner.device), on_tokens)
+        self.waiting.append(seq)
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        for seq in itertools.chain(self.waiting, self.running):
+            if seq.seq_id == seq_id and not seq.finished:
+                seq.finish_reason = FinishReason.ABORT
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def pop_finished(self, seq_id: int) -> RequestOutput:
+        return RequestOutput.from_sequence(self.finished.pop(seq_id))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 on_tokens: StreamCallback | None = None) -> list[RequestOutput]:
+        """Run `prompts` to completion (continuous batching) and return outputs in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, on_tokens) for p, sp in zip(prompts, plist)]
+        while self.has_work:
+            self.step()
+        return [self.pop_finished(i) for i in ids]
+
+    # -- one engine step -----------------------------------------------------------------
+    def step(self) -> StepStats:
+        stats = StepStats()
+        t0 = time.perf_counter()
+        self._admit(stats)
+        live = [s for s in self.running if not s.finished]
+        if live:
+            self._round(live, stats)
+        self._reap()
+        stats.step_s = time.perf_counter() - t0
+        return stats
+
+    def _admit(self, stats: StepStats) -> None:
+        new: list[Sequence] = []
+        while self.waiting and len(self.running) + len(new) < self.config.max_batch_size:
+            seq = self.waiting.popleft()
+            if seq.finished:  # aborted while waiting
+                self.finished[seq.seq_id] = seq
+                continue
+            seq.slot = self.cache.allocate()
+            new.append(seq)
+        if not new:
+            return
+        t0 = time.perf_counter()
+        out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in new], self.taps, last_only=True)
+        for b, seq in enumerate(new):
+            token = self._sample_one(out.logits[b], seq)
+            if out.taps is not None:
+                seq.pending_features.append(out.taps[b])
+            if self.proposer is not None:
+                self.proposer.start(seq.seq_id, seq.prompt_ids)
+            self.running.append(seq)
+            self._emit(seq, [token])
+        stats.num_prefill = len(new)
+        stats.prefill_s = time.perf_counter() - t0
+
+    def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+        if seq.params.greedy:
+            return int(logits[-1].argmax())
+        probs = probs_from_logits(logits[-1:], seq.params)
+        return int(sample(probs, seq.generator)[0])
+
+    def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
+        t0 = time.perf_counter()
+        drafts = self._propose(seqs)
+        lengths = self._schedule(seqs, drafts)
+        t1 = time.perf_counter()
+        inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
+        out = self.runner.forward(inputs, self.taps)
+        for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
+            probs = draft.probs[:n] if draft.probs is not None else None
+            res = verify(draft.tokens[:n], probs, out.logits[b], seq.params, seq.generator, seq.stop_ids)
+            # Keep the anchor and the accepted drafts; the emitted token becomes the next anchor.
+            self.cache.rollback(seq.slot, self.cache.lengths[seq.slot] - n + res.num_accepted)
+            if out.taps is not None:
+                seq.pending_features.append(out.taps[b][: 1 + res.num_accepted])
+            seq.record_round(n, res.num_accepted)
+            self._emit(seq, res.tokens)
+            stats.drafted += n
+            stats.accepted += res.num_accepted
+            stats.emitted += len(res.tokens)
+            _add_at(stats.drafted_per_position, [1] * n)
+            _add_at(stats.accepted_per_position, [1] * res.num_accepted)
+        stats.num_seqs = len(seqs)
+        stats.verify_tokens = sum(len(i.tokens) for i in inputs)
+        stats.propose_s = t1 - t0
+        stats.verify_s = time.perf_counter() - t1
+
+    def _propose(self, seqs: list[Sequence]) -> list[Draft]:
+        if self.proposer is None or self.config.block_size == 0:
+            return [Draft([]) for _ in seqs]
+        requests = []
+        for seq in seqs:
+            feats = torch.cat(seq.pending_features) if seq.pending_features else None
+            seq.pending_features.clear()
+            requests.append(DraftRequest(seq.seq_id, seq.token_ids, self._max_drafts(seq), seq.params,
+                                         feats, seq.generator))
+        return self.proposer.propose(requests)
+
+    def _max_drafts(self, seq: Sequence) -> int:
+        remaining = seq.params.max_new_tokens - len(seq.output_ids)
+        room = self.cache.max_len - self.cache.lengths[seq.slot] - 1
+        return max(0, min(self.config.block_size, remaining - 1, room))
+
+    def _schedule(self, seqs: list[Sequence], drafts: list[Draft]) -> list[int]:
+        lengths = [min(len(d.tokens), self._max_drafts(s)) for s, d in zip(seqs, drafts)]
+        if self.policy is None:
+            return lengths
+        confidences = [d.confidences for d in drafts]
+        return list(self.policy(confidences, lengths))
+
+    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
+        if seq.first_token_s is None:
+            seq.first_token_s = time.perf_counter()
+        tokens = tokens[: seq.params.max_new_tokens - len(seq.output_ids)]
+        seq.output_ids.extend(tokens)
+        if tokens and tokens[-1] in seq.stop_ids:
+            seq.finish_reason = FinishReason.STOP
+        elif len(seq.output_ids) >= seq.params.max_new_tokens:
+            seq.finish_reason = FinishReason.LENGTH
+        elif self.cache.lengths[seq.slot] + 1 >= self.cache.max_len:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.on_tokens is not None:
+            seq.on_tokens(seq.seq_id, tokens, seq.finished)
+
+    def _reap(self) -> None:
+        keep = []
+        for seq in self.running:
+            if seq.finished:
+                seq.finish_s = time.perf_counter()
+                self.cache.free(seq.slot)
+                if self.proposer is not None:
+                    self.proposer.finish(seq.seq_id)
+                self.finished[seq.seq_id] = seq
+            else:
+                keep.append(seq)
+        self.running = keep
+
+
+def _add_at(acc: list[int], values: list[int]) -> None:
+    while len(acc) < len(values):
+        acc.append(0)
+    for i, v in enumerate(values):
+        acc[i] += v
