@@ -116,15 +116,22 @@ def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine
     config = EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                           block_size=spec.block_size, verify_policy=spec.verify_policy,
                           confidence_threshold=spec.confidence_threshold)
-    policy = make_policy(spec, target)
-    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy)
+    policy, sps = make_policy(spec, target)
+    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps)
     return target, engine, method
 
 
-def make_policy(spec: EngineSpec, target):  # -> callable | None
-    if spec.verify_policy == "fixed":
-        return None
-    from dspark.spec.scheduler import build_policy  # noqa: PLC0415
+def make_policy(spec: EngineSpec, target):  # -> (VerifyPolicy | None, StepCostProfile | None)
+    """The verification policy and, for `confidence`, the target's measured SPS(B) table
+    (profiled once per model, dtype and machine, then cached)."""
+    from dspark.spec.scheduler import create_policy, policy_names
 
-    return build_policy(spec.verify_policy, threshold=spec.confidence_threshold, target=target,
-                        dtype=spec.dtype)
+    if spec.verify_policy == "fixed":
+        return None, None
+    if spec.verify_policy not in policy_names():
+        raise UserError(f"unknown verify policy {spec.verify_policy!r}; known: {', '.join(policy_names())}")
+    if spec.verify_policy == "threshold":
+        return create_policy("threshold", threshold=spec.confidence_threshold), None
+    from dspark.engine.profile import load_or_profile
+
+    return create_policy("confidence"), load_or_profile(target, spec.dtype, spec.max_batch_size, spec.block_size)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": target.name,
         "method": method,
-        "text": target.tokenizer.decode(out.token_ids),
+        "text": target.tokenizer.decode(out.token_ids, skip_special_tokens=True),
         "token_ids": out.token_ids,
         "prompt_tokens": len(prompt_ids),
         "num_new_tokens": len(out.token_ids),

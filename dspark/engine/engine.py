@@ -25,6 +25,7 @@ from dspark.errors import UserError
 from dspark.models.transformer import CausalLM
 from dspark.spec.proposer import Draft, DraftRequest, Proposer
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
 from dspark.spec.verify import verify
 
 
@@ -56,14 +57,15 @@ class StepStats:
 class Engine:
     def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
-                 policy: object | None = None) -> None:
+                 policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
         max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
         self.cache = model.new_cache(self.config.max_batch_size, max_len)
         self.runner = ModelRunner(model, self.cache)
         self.proposer = proposer
-        self.policy = policy  # dspark.spec.scheduler policy; None = verify every draft
+        self.policy = policy  # None = verify every draft (the `fixed` policy)
+        self.sps = sps  # measured steps/s by verification batch size, for the confidence policy
         self.eos_token_ids = tuple(eos_token_ids)
         self.taps = tuple(proposer.feature_layers) if proposer is not None else ()
         self.waiting: deque[Sequence] = deque()
@@ -127,6 +129,7 @@ class Engine:
                 self.finished[seq.seq_id] = seq
                 continue
             seq.slot = self.cache.allocate()
+            seq.admit_s = time.perf_counter()
             new.append(seq)
         if not new:
             return
@@ -195,8 +198,8 @@ class Engine:
         lengths = [min(len(d.tokens), self._max_drafts(s)) for s, d in zip(seqs, drafts)]
         if self.policy is None:
             return lengths
-        confidences = [d.confidences for d in drafts]
-        return list(self.policy(confidences, lengths))
+        confidences = [None if d.confidences is None else d.confidences[:n] for d, n in zip(drafts, lengths)]
+        return [min(a, b) for a, b in zip(self.policy(confidences, lengths, self.sps), lengths)]
 
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
         if seq.first_token_s is None:
@@ -217,6 +220,8 @@ class Engine:
         for seq in self.running:
             if seq.finished:
                 seq.finish_s = time.perf_counter()
+                if seq.finish_reason is FinishReason.ABORT and seq.on_tokens is not None:
+                    seq.on_tokens(seq.seq_id, [], True)
                 self.cache.free(seq.slot)
                 if self.proposer is not None:
                     self.proposer.finish(seq.seq_id)

@@ -41,7 +41,9 @@ class Sequence:
     num_accepted: int = 0
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
+    reached_per_position: list[int] = dataclasses.field(default_factory=list)
     arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
+    admit_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
 
@@ -61,10 +63,14 @@ class Sequence:
         while len(self.drafted_per_position) < drafted:
             self.drafted_per_position.append(0)
             self.accepted_per_position.append(0)
+            self.reached_per_position.append(0)
         for j in range(drafted):
             self.drafted_per_position[j] += 1
         for j in range(accepted):
             self.accepted_per_position[j] += 1
+        # Position j was *reached* (judged with drafts 0..j-1 already accepted) when j <= accepted.
+        for j in range(min(accepted + 1, drafted)):
+            self.reached_per_position[j] += 1
 
 
 @dataclasses.dataclass
@@ -78,8 +84,10 @@ class RequestOutput:
     num_accepted: int
     accepted_per_position: list[int]
     drafted_per_position: list[int]
+    reached_per_position: list[int]
     ttft_s: float
     e2e_s: float
+    decode_s: float  # admission to finish: what the user waits once the request is scheduled
 
     @property
     def mean_accepted_length(self) -> float:
@@ -98,5 +106,7 @@ class RequestOutput:
             num_verify_steps=seq.num_verify_steps, num_drafted=seq.num_drafted,
             num_accepted=seq.num_accepted, accepted_per_position=list(seq.accepted_per_position),
             drafted_per_position=list(seq.drafted_per_position),
+            reached_per_position=list(seq.reached_per_position),
             ttft_s=(seq.first_token_s or end) - seq.arrival_s, e2e_s=end - seq.arrival_s,
+            decode_s=end - (seq.admit_s or seq.arrival_s),
         )

@@ -28,8 +28,10 @@ class Rotary:
     """Non-interleaved (rotate-half) RoPE with a cos/sin table indexed by position."""
 
     def __init__(self, head_dim: int, theta: float, max_len: int, scale: float = 1.0) -> None:
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        pos = torch.arange(max_len, dtype=torch.float32) / scale
+        # Built on the CPU explicitly, so a model constructed under `torch.device("meta")`
+        # (the loader skips random init that way) still gets real tables.
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+        pos = torch.arange(max_len, dtype=torch.float32, device="cpu") / scale
         freqs = torch.outer(pos, inv)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, hd)
         self.cos, self.sin = emb.cos(), emb.sin()
@@ -65,6 +67,22 @@ class MLP(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:
-    """q (B, H, T, hd); k, v (B, KVH, S, hd); mask (B, 1, T, S) bool (True = attend)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    """q (B, H, T, hd); k, v (B, KVH, S, hd); mask (B, 1, T, S) bool (True = attend).
+
+    Plain matmul attention with grouped query heads folded into the row dimension: for the
+    few query tokens of decode and verification this is several times faster on CPU than
+    the fused SDPA kernels (which also want contiguous K/V; ours are strided cache views).
+    Softmax runs in float32, as the reference implementations do.
+    """
+    B, H, T, hd = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    g = H // kvh
+    if T > 64:  # long prefill: the fused kernel wins and bounds memory
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=g > 1)
+    qg = q.reshape(B, kvh, g * T, hd)  # query head h uses kv head h // g
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, KVH, g*T, S)
+    if mask is not None:
+        scores = scores.view(B, kvh, g, T, S).masked_fill(~mask.unsqueeze(2), float("-inf"))
+        scores = scores.view(B, kvh, g * T, S)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, T, hd)

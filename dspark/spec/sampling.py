@@ -4,6 +4,9 @@ probabilities that both the draft and the target are judged by."""
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import torch
 
 from dspark.errors import UserError
 
@@ -31,3 +34,59 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(N, V) logits -> (N, V) float32 probabilities after temperature, top-k, then top-p.
+
+    The same function produces draft and target distributions, so both are judged on the
+    same support. Greedy (temperature 0) gives a one-hot of the argmax; ties go to the
+    lowest index (torch.argmax). Top-k and top-p rank tokens with a stable sort, so ties
+    at the cut-off also keep the lowest indices and exactly k tokens survive top-k.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return one_hot_argmax(logits)
+    scaled = logits / params.temperature  # (N, V)
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (N, V)
+    if 0 < params.top_k < scaled.shape[-1]:
+        sorted_logits[..., params.top_k:] = -math.inf
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)  # (N, V), descending
+    if params.top_p < 1:
+        sorted_probs = _nucleus(sorted_probs, params.top_p)
+    return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest descending prefix whose mass reaches top_p, renormalised.
+
+    Token i (in descending order) is kept iff the mass strictly before it is < top_p:
+    that is exactly the shortest prefix with cumulative mass >= top_p, and the first
+    token (the argmax) always survives because top_p > 0.
+    """
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # (N, V)
+    kept = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) -> (N, V) float32 one-hot of the argmax (lowest index on ties)."""
+    one_hot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return one_hot.scatter_(-1, greedy(logits).unsqueeze(-1), 1.0)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) -> (N,) argmax token ids; ties go to the lowest index."""
+    return torch.argmax(logits, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(N, V) probabilities (need not be normalised) -> (N,) sampled token ids."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded per-request RNG, or None (use torch's global RNG) when no seed is given."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,62 @@
+"""Fit the confidence head's per-position temperatures (STS) on held-out draft rounds."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dspark.commands.eval_drafter import add_arguments as _eval_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _eval_arguments(p)
+    p.set_defaults(temperatures="1", limit=50)
+    p.add_argument("--plot", default=None, help="reliability diagram PNG (default: <checkpoint>/reliability.png)")
+    p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from dspark.commands.eval_drafter import load_for_rounds
+    from dspark.drafter.checkpoint import save_temperatures
+    from dspark.errors import UserError
+    from dspark.spec.sampling import SamplingParams
+    from dspark.train.calibrate import fit_temperatures, reliability_plot, report
+    from dspark.train.rounds import run_rounds
+
+    loaded, proposer, _, ids = load_for_rounds(args)
+    if not proposer.drafter.cfg.confidence_head:
+        raise UserError("this drafter has no confidence head to calibrate")
+    K = proposer.max_drafts
+    params = SamplingParams(temperature=float(args.temperatures.split(",")[0]), seed=args.seed,
+                            max_new_tokens=args.max_new_tokens)
+    with tqdm(total=len(ids), desc="dev rounds", file=sys.stderr) as bar:
+        stats = run_rounds(loaded.model, proposer, ids, params, K, loaded.eos_token_ids,
+                           on_prompt=lambda _: bar.update(1))
+    z, n = stats.calibration_data(K)
+    if z.shape[0] < 20:
+        raise UserError(f"only {z.shape[0]} full rounds; use more prompts (--limit)")
+    temps = fit_temperatures(z, n)
+    rows = report(z, n, temps)
+    plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps)
+    full = torch.ones(proposer.drafter.cfg.block_size)
+    full[:K] = temps
+    if not args.dry_run:
+        save_temperatures(args.checkpoint, full)
+        (Path(args.checkpoint) / "calibration.json").write_text(
+            json.dumps({"rounds": int(z.shape[0]), "temperature": params.temperature,
+                        "positions": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+    out = {"rounds": int(z.shape[0]), "temperatures": full.tolist(), "plot": str(plot),
+           "positions": [dataclasses.asdict(r) for r in rows]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for r in rows:
+            print(f"pos {r.position}: T={r.temperature:.3f} ECE {r.ece_before:.4f} -> {r.ece_after:.4f} "
+                  f"AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
+    return 0

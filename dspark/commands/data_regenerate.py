@@ -1,0 +1,38 @@
+"""Regenerate chat responses with the target (training data for the drafter)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from dspark.commands.common import DEFAULT_MODEL, DTYPES, default_device
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="chat JSONL with `messages` (dspark data prepare)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output JSONL (appended; finished ids are skipped)")
+    p.add_argument("--limit", type=int, default=None, help="first N conversations")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts")
+    p.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=None, help="fixed system prompt (default: a generic one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dspark.models.loader import load_model
+    from dspark.train.regenerate import SYSTEM_PROMPT, done_ids, read_conversations, regenerate
+
+    records = read_conversations(args.data, args.limit)
+    loaded = load_model(args.model, DTYPES[args.dtype], args.device or default_device())
+    left = len([r for r in records if r["id"] not in done_ids(args.out)])
+    with tqdm(total=left, desc="regenerate", unit="conv", file=sys.stderr) as bar:
+        n = regenerate(loaded, records, args.out, args.max_new_tokens, args.batch, args.max_prompt_tokens,
+                       args.seed, args.system_prompt or SYSTEM_PROMPT, on_done=lambda _: bar.update(1))
+    print(f"dspark: wrote {n} conversations to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dspark.spec.sampling import (
+    SamplingParams,
+    greedy,
+    make_generator,
+    one_hot_argmax,
+    probs_from_logits,
+    sample,
+)
+
+LOGITS = torch.tensor([[4.0, 2.0, 1.0, 1.0]]).log()  # softmax = [.5, .25, .125, .125]
+
+
+def _probs(**kw: float) -> list[float]:
+    return probs_from_logits(LOGITS, SamplingParams(**kw))[0].tolist()
+
+
+def test_temperature_one_is_softmax() -> None:
+    assert _probs(temperature=1.0) == pytest.approx([0.5, 0.25, 0.125, 0.125])
+
+
+def test_temperature_scales_logits() -> None:
+    # T = 0.5 squares the odds: 16 : 4 : 1 : 1.
+    assert _probs(temperature=0.5) == pytest.approx([16 / 22, 4 / 22, 1 / 22, 1 / 22])
+    # T = 2 takes square roots: 2 : sqrt2 : 1 : 1.
+    z = 4 + math.sqrt(2)
+    assert _probs(temperature=2.0) == pytest.approx([2 / z, math.sqrt(2) / z, 1 / z, 1 / z])
+
+
+def test_top_k_keeps_k_and_breaks_ties_by_lowest_index() -> None:
+    assert _probs(temperature=1.0, top_k=2) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    # Tokens 2 and 3 tie for third place: exactly k survive, the lower index wins.
+    assert _probs(temperature=1.0, top_k=3) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0])
+    assert _probs(temperature=1.0, top_k=10) == pytest.approx([0.5, 0.25, 0.125, 0.125])
+
+
+def test_top_p_keeps_smallest_set_reaching_p() -> None:
+    assert _probs(temperature=1.0, top_p=0.5) == pytest.approx([1, 0, 0, 0])  # 0.5 >= 0.5
+    assert _probs(temperature=1.0, top_p=0.6) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert _probs(temperature=1.0, top_p=0.75) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert _probs(temperature=1.0, top_p=0.8) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0])
+    assert _probs(temperature=1.0, top_p=0.01) == pytest.approx([1, 0, 0, 0])  # argmax always kept
+
+
+def test_top_p_applies_after_temperature_and_top_k() -> None:
+    # T = 0.5: [16, 4, 1, 1]/22; top-k 3 -> [16, 4, 1]/21; top-p 0.9 -> 16/21 = .76 < .9, keep 2.
+    assert _probs(temperature=0.5, top_k=3, top_p=0.9) == pytest.approx([0.8, 0.2, 0, 0])
+
+
+def test_greedy_is_one_hot_of_lowest_argmax() -> None:
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 0.0]])
+    probs = probs_from_logits(logits, SamplingParams(temperature=0.0, top_k=1, top_p=0.3))
+    assert probs.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
+    assert probs.dtype == torch.float32
+    assert greedy(logits).tolist() == [1, 0]
+    assert torch.equal(one_hot_argmax(logits), probs)
+
+
+def test_rows_are_normalised_float32() -> None:
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probs = probs_from_logits(logits, SamplingParams(temperature=0.7, top_k=20, top_p=0.9))
+    assert probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(-1), torch.ones(5))
+    assert ((probs > 0).sum(-1) <= 20).all()
+
+
+def test_sample_is_reproducible_with_generator() -> None:
+    probs = torch.full((4, 10), 0.1)
+    a = sample(probs, make_generator(7))
+    b = sample(probs, make_generator(7))
+    assert a.shape == (4,) and torch.equal(a, b)
+    assert make_generator(None) is None
+
+
+def test_sample_respects_zero_probabilities() -> None:
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]).repeat(200, 1)
+    tokens = sample(probs, make_generator(0)).view(200, 2)
+    assert (tokens[:, 0] == 1).all() and (tokens[:, 1] != 1).all()
