@@ -22,8 +22,8 @@ run: $(STAMP)
 
 # Services the integration tests start themselves (redis-server, prometheus) and the helm binary.
 system-deps:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus >/dev/null)
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v npm >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus npm >/dev/null)
 	@test -x tools/helm || scripts/install-helm.sh tools
 
 test: $(STAMP) system-deps

@@ -78,11 +78,9 @@ class EngineSpec:
 def resolve_method(spec: EngineSpec) -> str:
     if spec.method:
         return spec.method
-    try:
-        from dspark.drafter.checkpoints import default_checkpoint
-    except ImportError:
-        return "ar"
-    return "dspark" if default_checkpoint(spec.model, "dspark") is not None else "ar"
+    from dspark.drafter.checkpoint import default_checkpoint
+
+    return "dspark" if (default_checkpoint(spec.model, "dspark") / "config.json").is_file() else "ar"
 
 
 def load_target(spec: EngineSpec):  # -> LoadedModel

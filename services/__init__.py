@@ -1,0 +1,1 @@
+"""Thin deployables of the fleet: router, workers, shared state."""

@@ -1,0 +1,1 @@
+"""Shared fleet state in Redis: request registry, token log, KV rendezvous."""

@@ -1,0 +1,38 @@
+"""Fixtures and hooks shared by every test folder."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from services.state.server import RedisServer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.gpu` tests are skipped on machines without CUDA."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on 127.0.0.1 and a free port for the whole session (`.url`);
+    skipped where the binary is missing (`make system-deps` installs it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (make system-deps)")
+    from services.state.server import RedisServer
+
+    with RedisServer() as server:
+        yield server
