@@ -14,7 +14,8 @@ from dspark.commands.eval_drafter import add_arguments as _eval_arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _eval_arguments(p)
     p.set_defaults(temperatures="1", limit=50)
-    p.add_argument("--plot", default=None, help="reliability diagram PNG (default: <checkpoint>/reliability.png)")
+    p.add_argument("--plot", default=None, help="reliability diagram PNG "
+                   "(default: <checkpoint>/reliability.png)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
 
 

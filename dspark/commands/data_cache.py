@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"taps {taps}: the last layer is never tapped")
     convs = [r["messages"] for r in read_conversations(args.data, args.limit)]
     with tqdm(total=len(convs), desc="cache", unit="conv", file=sys.stderr) as bar:
-        m = build_target_cache(loaded.model, loaded.tokenizer, args.model, convs, args.out, taps, args.max_len,
-                               args.shard_size, source=file_fingerprint(args.data),
+        m = build_target_cache(loaded.model, loaded.tokenizer, args.model, convs, args.out, taps,
+                               args.max_len, args.shard_size, source=file_fingerprint(args.data),
                                on_sequence=lambda n: bar.update(1))
     print(f"dspark: cache {args.out}: {m['num_sequences']} sequences, {m['num_tokens']} tokens, taps {taps}",
           file=sys.stderr)

@@ -1,0 +1,68 @@
+"""Drafter checkpoints: `config.json` (DrafterConfig) + `model.safetensors`.
+
+Only the drafter's own tensors are written (trainable weights, calibration temperatures and
+the draft-vocabulary ids); the frozen embeddings and LM head stay the target's, and loading
+attaches the drafter to a live target model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark.drafter.config import DrafterConfig
+from dspark.drafter.model import Drafter
+from dspark.errors import UserError
+from dspark.models.transformer import CausalLM
+from dspark.paths import repo_root
+
+WEIGHTS_FILE = "model.safetensors"
+KEEP_FP32 = ("conf.", "conf_temperature", "draft_vocab_ids")  # small and precision-sensitive
+
+
+def default_checkpoint(target_name: str, method: str) -> Path:
+    """Shipped checkpoints: dspark/drafter/checkpoints/<target-name>/<dspark|dflash>/."""
+    return repo_root() / "dspark" / "drafter" / "checkpoints" / target_name / method
+
+
+def save_drafter(drafter: Drafter, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, t in drafter.state_dict().items():
+        keep = name.startswith(KEEP_FP32) or not t.is_floating_point()
+        state[name] = (t if keep else t.to(dtype)).detach().cpu().contiguous()
+    save_file(state, str(out / WEIGHTS_FILE))
+    drafter.cfg.save(out)
+    return out
+
+
+def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | None = None) -> Drafter:
+    """Build the drafter for `target` from a checkpoint directory (weights cast to `dtype`,
+    default the target's dtype; the confidence head stays float32)."""
+    path = Path(directory)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise UserError(f"no drafter checkpoint at {path} (train one with `dspark train`)")
+    cfg = DrafterConfig.load(path)
+    dtype = dtype or target.lm_head.weight.dtype
+    device = target.lm_head.weight.device
+    drafter = Drafter(cfg, target)
+    drafter.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    drafter.to(device=device, dtype=dtype)
+    drafter.conf_temperature.data = drafter.conf_temperature.float()
+    if cfg.confidence_head:
+        drafter.conf.float()
+    drafter.draft_vocab_ids.data = drafter.draft_vocab_ids.long()
+    return drafter.eval().requires_grad_(False)
+
+
+def save_temperatures(directory: str | Path, temperatures: torch.Tensor) -> None:
+    """Overwrite the calibration temperatures T_1..T_K stored in a checkpoint."""
+    file = Path(directory) / WEIGHTS_FILE
+    state = load_file(str(file))
+    if state["conf_temperature"].shape != temperatures.shape:
+        raise ValueError("temperature count does not match the block size")
+    state["conf_temperature"] = temperatures.float().cpu().contiguous()
+    save_file(state, str(file))

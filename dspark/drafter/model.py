@@ -1,0 +1,234 @@
+"""The DSpark drafter network: fused target taps -> a few decoder layers over one block ->
+frozen target LM head, plus the Markov (semi-autoregressive) head and the confidence head.
+
+Per block (anchor x0 at position a, K slots at positions a..a+K-1):
+
+    H_ctx   = RMSNorm(W_fuse [f_1; ..; f_m])            context features, positions < a only
+    x       = E([x0, MASK, .., MASK])                   target's frozen embeddings
+    h_1..K  = RMSNorm(layers(x | K/V(H_ctx<a), block bidirectional))
+    U_k     = LM_head(h_k)                              target's frozen head (draft-vocab rows)
+    Z_k     = U_k + W1[x_{k-1}] @ W2                     Markov bias, r = 0 -> none (DFlash)
+    c_k     = sigmoid((w . [h_k; W1[x_{k-1}]] + b) / T_k) confidence, fp32, T_k from calibration
+
+The embeddings and LM head are references to the target's modules, never registered here,
+so `state_dict()` holds only what trains (plus two small buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from dspark.drafter.config import DrafterConfig
+from dspark.models.layers import MLP, RMSNorm, Rotary, apply_rotary, attend
+from dspark.models.transformer import CausalLM
+
+
+class DrafterLayer(nn.Module):
+    """Target-shaped decoder layer whose keys/values are [context features ; block]."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act)
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.scale = hd ** -0.5
+
+    def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        return apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)  # (B, KVH, T, hd) each
+
+    def context_kv(self, h_ctx: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the (already normed) context features: this layer's own projections."""
+        return self._kv(h_ctx, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) block slots; ctx_k/v (B, KVH, S, hd); mask (B, 1, T, S + T) True = attend."""
+        B, T, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_norm(self.q_proj(h).view(B, T, self.heads, self.head_dim))
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        k, v = self._kv(h, cos, sin)
+        keys, values = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)  # (B, KVH, S+T, hd)
+        out = attend(q, keys, values, mask, self.scale)  # (B, H, T, hd)
+        x = x + self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclasses.dataclass
+class BlockOutput:
+    hidden: torch.Tensor  # (B, N, K, d) final-normed block states h_k
+    logits: torch.Tensor  # (B, N, K, Vd) float32 Markov-corrected draft logits Z (teacher forced)
+    conf_logits: torch.Tensor | None  # (B, N, K) float32 raw confidence logits (before T_k)
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, target: CausalLM) -> None:
+        super().__init__()
+        cfg.check_target(target.cfg)
+        self.cfg = cfg
+        object.__setattr__(self, "target", target)  # frozen reference, not a submodule
+        d, m, r = cfg.hidden_size, len(cfg.taps), cfg.markov_rank
+        self.fc = nn.Linear(m * d, d, bias=False)
+        self.ctx_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        vd = cfg.num_draft_vocab
+        if r > 0:
+            self.markov_w1 = nn.Embedding(cfg.vocab_size, r)
+            self.markov_w2 = nn.Linear(r, vd, bias=False)
+            nn.init.normal_(self.markov_w1.weight, std=0.02)
+            nn.init.zeros_(self.markov_w2.weight)  # start as the parallel drafter
+        if cfg.confidence_head:
+            self.conf = nn.Linear(d + r, 1)
+        self.register_buffer("conf_temperature", torch.ones(cfg.block_size))
+        ids = torch.arange(vd) if cfg.draft_vocab_size is None else torch.zeros(vd, dtype=torch.long)
+        self.register_buffer("draft_vocab_ids", ids)  # (Vd,) target ids of the draft vocabulary
+        self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear) and mod is not getattr(self, "markov_w2", None):
+                nn.init.normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope.cos.device != positions.device:
+            self.rope.to(positions.device)
+        return self.rope.tables(positions, self.dtype)
+
+    # -- pieces shared by training and inference ------------------------------------------
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, S, m, d) tapped target outputs -> H_ctx (B, S, d)."""
+        return self.ctx_norm(self.fc(features.flatten(-2).to(self.dtype)))
+
+    def context_kv(self, h_ctx: torch.Tensor,
+                   positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v), each (B, KVH, S, hd), for context features at `positions` (B, S)."""
+        cos, sin = self._rope(positions)
+        return [layer.context_kv(h_ctx, cos, sin) for layer in self.layers]
+
+    def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                 ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
+        """block_ids/positions (B, T) -> final-normed h (B, T, d)."""
+        with torch.no_grad():
+            x = self.target.embed(block_ids).to(self.dtype)  # frozen embeddings
+        cos, sin = self._rope(positions)
+        for layer, (k, v) in zip(self.layers, ctx_kv, strict=True):
+            x = layer(x, cos, sin, k, v, mask)
+        return self.norm(x)
+
+    def head_weight(self) -> torch.Tensor:
+        """(Vd, d) rows of the target's frozen LM head (a view when the vocab is full).
+
+        A restricted head is gathered once and reused while neither the target weight nor
+        the id list changes (gathering it every round would cost a full head read)."""
+        w = self.target.lm_head.weight.detach()
+        if self.cfg.draft_vocab_size is None:
+            return w
+        ids = self.draft_vocab_ids
+        key = (w.data_ptr(), w._version, w.dtype, ids.data_ptr(), ids._version)
+        cached = self.__dict__.get("_head_rows")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd
+                cached = (key, w[self.draft_vocab_ids.clone()])
+            self.__dict__["_head_rows"] = cached
+        return cached[1]
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """U = LM_head(h): (..., d) -> (..., Vd) float32."""
+        w = self.head_weight()
+        return (h.to(w.dtype) @ w.T).float()
+
+    def markov_bias(self, prev_ids: torch.Tensor) -> torch.Tensor | None:
+        """B = W1[x_prev] @ W2: (...) -> (..., Vd) float32; None when r = 0."""
+        if self.cfg.markov_rank == 0:
+            return None
+        return self.markov_w2(self.markov_w1(prev_ids)).float()
+
+    def confidence_logits(self, h: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
+        """z = w . [h; W1[x_prev]] + b in float32: (..., d), (...) -> (...)."""
+        if not self.cfg.confidence_head:
+            return None
+        parts = [h.float()]
+        if self.cfg.markov_rank > 0:
+            parts.append(self.markov_w1(prev_ids).float())
+        feats = torch.cat(parts, dim=-1)
+        return nn.functional.linear(feats, self.conf.weight.float(), self.conf.bias.float()).squeeze(-1)
+
+    def calibrated(self, conf_logits: torch.Tensor) -> torch.Tensor:
+        """c_k = sigmoid(z_k / T_k); conf_logits (..., k) with k <= K."""
+        k = conf_logits.shape[-1]
+        return torch.sigmoid(conf_logits / self.conf_temperature[:k].float())
+
+    def to_full_vocab(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., Vd) -> (..., V) with -inf for tokens outside the draft vocabulary (p_d = 0)."""
+        if self.cfg.draft_vocab_size is None:
+            return z
+        full = z.new_full((*z.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.draft_vocab_ids, z)
+
+    def block_ids(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors (...) token ids -> (..., K) = [x0, MASK, .., MASK]."""
+        K = self.cfg.block_size
+        ids = anchors.new_full((*anchors.shape, K), self.cfg.mask_token_id)
+        ids[..., 0] = anchors
+        return ids
+
+    # -- training: many anchors per sequence in one pass ----------------------------------
+    def forward_train(self, features: torch.Tensor, input_ids: torch.Tensor,
+                      anchors: torch.Tensor) -> BlockOutput:
+        """features (B, S, m, d); input_ids (B, S); anchors (B, N) sorted positions.
+
+        Block n's queries see context positions p < a_n and the K slots of block n only.
+        Every row sees its own block, so no attention row is fully masked.
+        """
+        B, S = input_ids.shape
+        N, K = anchors.shape[1], self.cfg.block_size
+        dev = input_ids.device
+        pos_ctx = torch.arange(S, device=dev).expand(B, S)
+        ctx_kv = self.context_kv(self.fuse(features), pos_ctx)
+        j = torch.arange(K, device=dev)
+        block_pos = anchors[:, :, None] + j  # (B, N, K): slot j sits at a_n + j
+        anchor_ids = input_ids.gather(1, anchors)  # (B, N)
+        block = self.block_ids(anchor_ids)  # (B, N, K)
+        see_ctx = pos_ctx[:, None, :] < anchors[:, :, None]  # (B, N, S)
+        see_ctx = see_ctx[:, :, None, :].expand(B, N, K, S).reshape(B, N * K, S)
+        blk = torch.arange(N, device=dev).repeat_interleave(K)  # (N*K,) block of each slot
+        see_blk = (blk[:, None] == blk[None, :]).expand(B, N * K, N * K)
+        mask = torch.cat([see_ctx, see_blk], dim=-1)[:, None]  # (B, 1, N*K, S+N*K)
+        h = self.backbone(block.view(B, N * K), block_pos.view(B, N * K), ctx_kv, mask)
+        h = h.view(B, N, K, -1)  # (B, N, K, d)
+        prev = input_ids.gather(1, block_pos.clamp(max=S - 1).view(B, N * K)).view(B, N, K)  # x at a+j
+        z = self.base_logits(h)
+        bias = self.markov_bias(prev)
+        if bias is not None:
+            z = z + bias
+        return BlockOutput(hidden=h, logits=z, conf_logits=self.confidence_logits(h, prev))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items()}

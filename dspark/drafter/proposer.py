@@ -1,0 +1,113 @@
+"""`dspark` and `dflash` proposers: the drafter network behind the `Proposer` protocol.
+
+Per round: append each sequence's newly committed features to its context cache, run ONE
+backbone pass for all blocks of the batch, then K serial Markov steps
+
+    Z_k = U_k + W1[x_{k-1}] @ W2,   q_k = probs_from_logits(Z_k, params),   x_k ~ q_k
+
+(argmax with a one-hot q_k at T = 0), then the confidences of all drafted slots in one call.
+`q_k` is returned as the exact distribution x_k was drawn from, so verification is lossless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dspark.drafter.checkpoint import default_checkpoint, load_drafter
+from dspark.drafter.context import ContextCache, block_hidden, extend_context
+from dspark.drafter.model import Drafter
+from dspark.errors import UserError
+from dspark.spec.proposer import Draft, DraftRequest, register_proposer
+from dspark.spec.sampling import probs_from_logits, sample
+
+
+class DrafterProposer:
+    def __init__(self, drafter: Drafter, name: str, block_size: int | None = None) -> None:
+        K = drafter.cfg.block_size
+        if block_size is not None and block_size < 0:
+            raise UserError(f"block size must be >= 0, got {block_size}")
+        self.drafter, self.name = drafter, name
+        # A block has K slots: asking for more drafts than the drafter was trained for gets K.
+        self.max_drafts = K if block_size is None else min(block_size, K)
+        self.feature_layers: tuple[int, ...] = tuple(drafter.cfg.taps)
+        self._caches: dict[int, ContextCache] = {}
+        # seq_id -> (l,) raw confidence logits z_k of the last round (before T_k): calibration data
+        self.last_conf_logits: dict[int, torch.Tensor] = {}
+
+    def start(self, seq_id: int, prompt_ids: list[int]) -> None:
+        self._caches[seq_id] = ContextCache(self.drafter, capacity=max(64, 2 * len(prompt_ids)))
+
+    def finish(self, seq_id: int) -> None:
+        self._caches.pop(seq_id, None)
+        self.last_conf_logits.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        for req in requests:
+            cache = self._caches[req.seq_id]
+            if req.new_features is not None:
+                extend_context(self.drafter, cache, req.new_features)
+            if cache.length != len(req.token_ids) - 1:
+                raise RuntimeError(f"seq {req.seq_id}: context holds {cache.length} positions, "
+                                   f"anchor is at {len(req.token_ids) - 1} (feature contract broken)")
+        live = [r for r in requests if r.max_tokens > 0]
+        drafts = {r.seq_id: d for r, d in zip(live, self._draft(live), strict=True)} if live else {}
+        return [drafts.get(r.seq_id, Draft(tokens=[])) for r in requests]
+
+    def _draft(self, requests: list[DraftRequest]) -> list[Draft]:
+        d = self.drafter
+        h = block_hidden(d, [self._caches[r.seq_id] for r in requests], [r.token_ids[-1] for r in requests])
+        base = d.base_logits(h)  # (B, K, Vd) float32
+        L = max(min(r.max_tokens, self.max_drafts) for r in requests)
+        prev = torch.tensor([r.token_ids[-1] for r in requests], device=d.device)  # (B,) x_0
+        tokens, probs, prevs = [], [], []
+        for k in range(L):  # serial Markov steps: cheap (one r x Vd product each)
+            z = base[:, k]
+            bias = d.markov_bias(prev)
+            if bias is not None:
+                z = z + bias
+            q = torch.cat([probs_from_logits(d.to_full_vocab(z[b:b + 1]), r.params)
+                           for b, r in enumerate(requests)])  # (B, V) float32
+            x = torch.stack([_draw(q[b], r) for b, r in enumerate(requests)])  # (B,)
+            prevs.append(prev)
+            tokens.append(x)
+            probs.append(q)
+            prev = x
+        toks = torch.stack(tokens, 1)  # (B, L)
+        qs = torch.stack(probs, 1)  # (B, L, V)
+        raw = d.confidence_logits(h[:, :L], torch.stack(prevs, 1))  # (B, L) z_k
+        conf = None if raw is None else d.calibrated(raw)  # c_k = sigmoid(z_k / T_k)
+        out = []
+        for b, r in enumerate(requests):
+            n = min(r.max_tokens, self.max_drafts)
+            if raw is not None:
+                self.last_conf_logits[r.seq_id] = raw[b, :n]
+            out.append(Draft(tokens=toks[b, :n].tolist(), probs=qs[b, :n],
+                             confidences=None if conf is None else conf[b, :n]))
+        return out
+
+
+def _draw(q: torch.Tensor, req: DraftRequest) -> torch.Tensor:
+    if req.params.greedy:
+        return q.argmax()
+    return sample(q[None], req.generator)[0]
+
+
+def _factory(method: str) -> Any:
+    def build(target: Any, block_size: int | None = None, checkpoint: str | Path | None = None,
+              **_: Any) -> DrafterProposer:
+        name = getattr(target, "name", None)
+        if checkpoint is None:
+            if name is None:
+                raise UserError(f"{method}: pass a drafter checkpoint")
+            checkpoint = default_checkpoint(name, method)
+        drafter = load_drafter(checkpoint, target.model)
+        return DrafterProposer(drafter, method, block_size)
+    return build
+
+
+register_proposer("dspark")(_factory("dspark"))
+register_proposer("dflash")(_factory("dflash"))

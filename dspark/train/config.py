@@ -1,0 +1,63 @@
+"""`dspark train` configuration (YAML), validated once at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dspark.errors import UserError
+from dspark.paths import cache_dir
+
+
+class DrafterShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int = Field(1, ge=1, description="drafter decoder layers")
+    block_size: int = Field(7, ge=1, description="K")
+    markov_rank: int = Field(64, ge=0, description="r (ignored for method dflash: 0)")
+    gamma: float = Field(4.0, gt=0, description="position-weight decay")
+    draft_vocab_size: int | None = Field(None, ge=2, description="frequency-ranked draft vocabulary")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m-instruct", description="target model (registry name or path)")
+    method: Literal["dspark", "dflash"] = Field(
+        "dspark", description="dflash = CE only, no Markov/confidence")
+    data: str = Field(description="target cache directory (`dspark data cache --out`)")
+    out: str = Field(description="run directory: log.jsonl, checkpoint/, drafter/")
+    export: str | None = Field(None, description="also copy the final drafter checkpoint here")
+    drafter: DrafterShape = Field(default_factory=DrafterShape)
+    lr: float = Field(6e-4, gt=0, description="peak learning rate")
+    warmup_frac: float = Field(0.04, ge=0, lt=1, description="linear warmup share of the steps")
+    epochs: float = Field(1.0, gt=0, description="passes over the cache")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    batch_size: int = Field(2, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    anchors_per_seq: int = Field(32, ge=1, description="N: anchors sampled per sequence visit")
+    clip_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    device: str = "cpu"
+
+    @field_validator("data", "out", "export")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        """`~` and a leading `{cache}` (= dspark.paths.cache_dir()) are expanded."""
+        return None if v is None else str(Path(v.replace("{cache}", str(cache_dir()))).expanduser())
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"no training config at {p}")
+        try:
+            return cls.model_validate(yaml.safe_load(p.read_text()) or {})
+        except (ValueError, yaml.YAMLError) as e:
+            raise UserError(f"{p}: {e}") from e

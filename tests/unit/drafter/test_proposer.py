@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dspark.drafter.checkpoint import save_drafter
+from dspark.drafter.proposer import DrafterProposer
+from dspark.spec.proposer import DraftRequest, create_proposer
+from dspark.spec.sampling import SamplingParams, probs_from_logits
+from tests.unit.drafter.helpers import VOCAB, tiny_drafter, tiny_target
+
+
+def _setup(**kw: object):
+    target = tiny_target()
+    d = tiny_drafter(target, **kw)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB - 2, (14,), generator=g)
+    feats = torch.randn(14, 3, 32, generator=g)
+    return d, ids, feats
+
+
+def _teacher_forced_probs(d, ids, feats, a, drafted, params) -> torch.Tensor:
+    """Training pass with the drafted tokens as the teacher-forced prefix: (K, V)."""
+    seq = torch.cat([ids[: a + 1], torch.tensor(drafted)])
+    f = torch.cat([feats[:a], torch.zeros(len(seq) - a, *feats.shape[1:])])
+    z = d.forward_train(f[None], seq[None], torch.tensor([[a]])).logits[0, 0]  # (K, Vd)
+    return probs_from_logits(d.to_full_vocab(z), params)
+
+
+def test_greedy_tokens_are_argmax_of_returned_probs() -> None:
+    d, ids, feats = _setup(draft_vocab_size=40)
+    prop = DrafterProposer(d, "dspark")
+    prop.start(0, ids[:9].tolist())
+    params = SamplingParams()
+    (draft,) = prop.propose([DraftRequest(0, ids[:10].tolist(), 4, params, new_features=feats[:9])])
+    assert len(draft.tokens) == 4 and draft.probs.shape == (4, VOCAB)
+    assert draft.probs.argmax(-1).tolist() == draft.tokens
+    assert all(t % 2 == 0 and t < 80 for t in draft.tokens)  # inside the draft vocabulary
+    torch.testing.assert_close(draft.probs, _teacher_forced_probs(d, ids, feats, 9, draft.tokens, params))
+    assert draft.confidences.shape == (4,) and ((draft.confidences > 0) & (draft.confidences < 1)).all()
+
+
+def test_sampled_drafts_return_the_markov_corrected_distribution() -> None:
+    d, ids, feats = _setup()
+    prop = DrafterProposer(d, "dspark")
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    prop.start(0, ids[:9].tolist())
+    req = DraftRequest(0, ids[:10].tolist(), 4, params, new_features=feats[:9],
+                       generator=torch.Generator().manual_seed(0))
+    (draft,) = prop.propose([req])
+    assert all(draft.probs[k, t] > 0 for k, t in enumerate(draft.tokens))
+    torch.testing.assert_close(draft.probs, _teacher_forced_probs(d, ids, feats, 9, draft.tokens, params))
+
+
+def test_incremental_rounds_match_a_fresh_proposer_and_batching() -> None:
+    d, ids, feats = _setup()
+    params = SamplingParams()
+    inc = DrafterProposer(d, "dspark")
+    inc.start(0, ids[:5].tolist())
+    inc.propose([DraftRequest(0, ids[:6].tolist(), 4, params, new_features=feats[:5])])
+    inc.propose([DraftRequest(0, ids[:9].tolist(), 0, params, new_features=feats[5:8])])
+    (a,) = inc.propose([DraftRequest(0, ids[:13].tolist(), 3, params, new_features=feats[8:12])])
+    fresh = DrafterProposer(d, "dspark")
+    fresh.start(1, ids[:7].tolist())
+    fresh.start(2, ids[:12].tolist())
+    b, c = fresh.propose([DraftRequest(1, ids[:7].tolist(), 2, params, new_features=feats[:6]),
+                          DraftRequest(2, ids[:13].tolist(), 3, params, new_features=feats[:12])])
+    assert a.tokens == c.tokens and len(b.tokens) == 2
+    torch.testing.assert_close(a.confidences, c.confidences)
+
+
+def test_registered_factories_load_a_checkpoint(tmp_path) -> None:
+    d, ids, feats = _setup(markov_rank=0, confidence_head=False)
+    save_drafter(d, tmp_path, dtype=torch.float32)
+    target = dataclasses.make_dataclass("T", ["name", "model", "config"])("tiny", d.target, d.target.cfg)
+    prop = create_proposer("dflash", target=target, checkpoint=str(tmp_path), block_size=3)
+    assert prop.feature_layers == (1, 2, 3)
+    prop.start(0, [])
+    (draft,) = prop.propose([DraftRequest(0, ids[:10].tolist(), 7, SamplingParams(), new_features=feats[:9])])
+    assert len(draft.tokens) == 3 and draft.confidences is None

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import torch
+
+from dspark.train.calibrate import auroc, ece, fit_temperatures, reliability_plot, report
+
+
+def test_ece_and_auroc_by_hand() -> None:
+    pred = torch.tensor([0.9, 0.9, 0.1, 0.1])
+    obs = torch.tensor([1, 0, 0, 0])
+    # bin 0.9: |0.9 - 0.5| * 2/4 = 0.2; bin 0.1: |0.1 - 0| * 2/4 = 0.05
+    assert abs(ece(pred, obs) - 0.25) < 1e-6
+    assert auroc(torch.tensor([0.2, 0.8, 0.5]), torch.tensor([0, 1, 0])) == 1.0
+    assert auroc(torch.tensor([0.5, 0.5]), torch.tensor([0, 1])) == 0.5
+
+
+def _overconfident(R: int = 4000, K: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """True per-position acceptance sigmoid(u_k); the head reports logits 4 * u_k."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(R, K, generator=g) * 1.5
+    accepted = torch.rand(R, K, generator=g) < torch.sigmoid(u)
+    num_accepted = accepted.long().cumprod(-1).sum(-1)  # length of the accepted prefix
+    return 4 * u, num_accepted
+
+
+def test_calibration_lowers_ece_on_overconfident_data(tmp_path) -> None:
+    z, n = _overconfident()
+    temps = fit_temperatures(z, n)
+    assert all(2.5 < t < 6.5 for t in temps.tolist())  # recovers T ~ 4
+    rows = report(z, n, temps)
+    for r in rows:
+        assert r.ece_after < 0.5 * r.ece_before and r.ece_after < 0.03
+    zt, nt = _overconfident(seed=1)  # held out
+    assert all(r.ece_after < r.ece_before for r in report(zt, nt, temps))
+    assert reliability_plot(tmp_path / "rel.png", z, n, temps).stat().st_size > 1000
+
+
+def test_positions_without_signal_keep_temperature_one() -> None:
+    z = torch.randn(50, 2)
+    n = torch.zeros(50, dtype=torch.long)  # nothing ever accepted: ECE ties at every T near 0
+    temps = fit_temperatures(z, n)
+    assert temps[1] == 1.0 or abs(float(temps[1].log())) <= abs(float(temps[0].log()))

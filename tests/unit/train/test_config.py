@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import dspark.train
+from dspark.errors import UserError
+from dspark.train.config import TrainConfig
+
+CONFIGS = Path(dspark.train.__file__).parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-dspark.yaml", "smollm2-135m-dflash.yaml"])
+def test_shipped_configs_validate(name: str, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    cfg = TrainConfig.load(CONFIGS / name)
+    assert cfg.data.startswith(str(tmp_path)) and cfg.method in name
+
+
+def test_unknown_fields_are_rejected(tmp_path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: x\nout: y\nlearning_rate: 1\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        TrainConfig.load(p)
