@@ -30,7 +30,8 @@ class Rotary:
     def __init__(self, head_dim: int, theta: float, max_len: int, scale: float = 1.0) -> None:
         # Built on the CPU explicitly, so a model constructed under `torch.device("meta")`
         # (the loader skips random init that way) still gets real tables.
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+        even = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+        inv = 1.0 / (theta ** (even / head_dim))
         pos = torch.arange(max_len, dtype=torch.float32, device="cpu") / scale
         freqs = torch.outer(pos, inv)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, hd)
