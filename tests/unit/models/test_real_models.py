@@ -5,11 +5,14 @@ prompts (the first 2 of each shared eval file; DSPARK_EVAL_DIR overrides the fol
 transformers' `generate(do_sample=False)` on at least 9 of 10
 (we decode the 10 as one batch, transformers one by one, so a float near-tie may flip one),
 and chat-template ids equal to transformers' `apply_chat_template`.
-transformers runs once per model in a module-scoped fixture.
+transformers runs once per model in a module-scoped fixture, and its outputs are cached
+under $DSPARK_CACHE/test-refs keyed by the GGUF source files, the prompts, the token count and
+the transformers version: a fresh machine recomputes them (minutes), a rerun reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import transformers
+
 from dspark.models.loader import LoadedModel, load_model
+from dspark.paths import cache_dir
 from dspark.models.registry import get_spec
 from tests.unit.models.helpers import forward_logits, greedy_decode
 
@@ -63,15 +69,36 @@ class Reference:
 
 @pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
 def ref(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    from transformers import AutoModelForCausalLM
-
     name, max_new = request.param
     ours = load_model(name)
     prompts = [ours.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in _eval_prompts()]
-    path = _gguf_file(name, tmp_path_factory.mktemp("gguf"))
+    key = _reference_key(name, prompts, max_new)
+    cached = cache_dir() / "test-refs" / f"{name}-{key}.pt"
+    if cached.exists():
+        saved = torch.load(cached)
+        return Reference(ours, prompts, saved["logits"], saved["continuations"], max_new)
+    logits, continuations = _run_transformers(name, prompts, max_new, list(ours.eos_token_ids),
+                                              tmp_path_factory.mktemp("gguf"))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"logits": logits, "continuations": continuations}, cached.with_suffix(".tmp"))
+    cached.with_suffix(".tmp").replace(cached)
+    return Reference(ours, prompts, logits, continuations, max_new)
+
+
+def _reference_key(name: str, prompts: list[list[int]], max_new: int) -> str:
+    h = hashlib.sha256(f"{transformers.__version__}|{max_new}|{prompts}".encode())
+    for src in get_spec(name).source_paths():
+        h.update(f"{src.name}|{src.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _run_transformers(name: str, prompts: list[list[int]], max_new: int, eos: list[int],
+                      tmp: Path) -> tuple[torch.Tensor, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    path = _gguf_file(name, tmp)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                               dtype=torch.float32).eval()
-    eos = list(ours.eos_token_ids)
     with torch.no_grad():
         logits = hf(torch.tensor([prompts[0]])).logits[0]
         continuations = []
@@ -81,7 +108,7 @@ def ref(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                               top_k=None, top_p=None, temperature=None)
             continuations.append(out[0, len(p):].tolist())
     del hf
-    return Reference(ours, prompts, logits, continuations, max_new)
+    return logits, continuations
 
 
 def test_logits_match_transformers(ref: Reference) -> None:
