@@ -101,7 +101,7 @@ def _run_level(methods: list[str], policies: list[str], level: int, base: Engine
                                    _draft_dir(base), params.temperature, params.top_p, params.top_k,
                                    params.seed)
             with tqdm(total=total, desc=f"{method} c={level}", unit="tok", file=sys.stderr) as bar:
-                runs[method] = run_callable(method, prompts, lambda p: gen(encoded[p.id]), bar)
+                runs[method] = run_callable(method, prompts, lambda p, g=gen: g(encoded[p.id]), bar)
             continue
         for policy in (["fixed"] if method == "ar" else policies):
             key = method if (method == "ar" or policies == ["fixed"]) else f"{method}:{policy}"

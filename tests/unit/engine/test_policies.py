@@ -46,7 +46,8 @@ class RandomDrafter:
         out = []
         for r in requests:
             n = r.max_tokens
-            toks = torch.multinomial(self.q, n, replacement=True, generator=r.generator) if n else torch.zeros(0, dtype=torch.long)
+            toks = (torch.multinomial(self.q, n, replacement=True, generator=r.generator) if n
+                    else torch.zeros(0, dtype=torch.long))
             prev = torch.cat([torch.tensor([r.token_ids[-1]]), toks[:-1]]) if n else toks
             out.append(Draft(toks.tolist(), self.q.expand(n, V).clone(), self.conf[prev]))
         return out
