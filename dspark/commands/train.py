@@ -18,14 +18,14 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark.models.loader import load_model
     from dspark.train.config import TrainConfig
-    from dspark.train.target_cache import TargetCache
+    from dspark.train.target_cache import open_target_cache
     from dspark.train.trainer import DTYPES, Trainer
 
     cfg = TrainConfig.load(args.config)
     if args.max_steps:
         cfg = cfg.model_copy(update={"max_steps": args.max_steps})
     loaded = load_model(cfg.model, DTYPES[cfg.dtype], cfg.device)
-    cache = TargetCache(cfg.data, cfg.model)
+    cache = open_target_cache(cfg.data, cfg.model)
     trainer = Trainer(cfg, loaded.model, cache)
     if not args.no_resume and trainer.resume():
         print(f"dspark: resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)

@@ -28,7 +28,8 @@ class TrainConfig(BaseModel):
     model: str = Field("smollm2-135m-instruct", description="target model (registry name or path)")
     method: Literal["dspark", "dflash"] = Field(
         "dspark", description="dflash = CE only, no Markov/confidence")
-    data: str = Field(description="target cache directory (`dspark data cache --out`)")
+    data: str | list[str] = Field(description="target cache directory (`dspark data cache --out`), or several "
+                                              "built with the same model and taps (used as one)")
     out: str = Field(description="run directory: log.jsonl, checkpoint/, drafter/")
     export: str | None = Field(None, description="also copy the final drafter checkpoint here")
     drafter: DrafterShape = Field(default_factory=DrafterShape)
@@ -48,8 +49,10 @@ class TrainConfig(BaseModel):
 
     @field_validator("data", "out", "export")
     @classmethod
-    def _expand(cls, v: str | None) -> str | None:
+    def _expand(cls, v: str | list[str] | None) -> str | list[str] | None:
         """`~` and a leading `{cache}` (= dspark.paths.cache_dir()) are expanded."""
+        if isinstance(v, list):
+            return [str(Path(x.replace("{cache}", str(cache_dir()))).expanduser()) for x in v]
         return None if v is None else str(Path(v.replace("{cache}", str(cache_dir()))).expanduser())
 
     @classmethod

@@ -203,3 +203,33 @@ class TargetCache:
                 ids = ids[f.get_tensor("loss_mask").bool()]
             counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
         return counts
+
+
+class ConcatTargetCache:
+    """Several caches of the same model and taps, indexed as one."""
+
+    def __init__(self, caches: list[TargetCache]) -> None:
+        if not caches:
+            raise UserError("no target cache given")
+        taps = {tuple(c.taps) for c in caches}
+        if len(taps) != 1:
+            raise UserError(f"target caches were built with different taps: {sorted(taps)}")
+        self.caches, self.taps = caches, list(caches[0].taps)
+        self.manifest = caches[0].manifest
+        self._index = [(ci, i) for ci, c in enumerate(caches) for i in range(len(c))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ci, j = self._index[i]
+        return self.caches[ci][j]
+
+    def token_counts(self, vocab_size: int, masked_only: bool = False) -> torch.Tensor:
+        return sum(c.token_counts(vocab_size, masked_only) for c in self.caches)  # type: ignore[return-value]
+
+
+def open_target_cache(data: str | list[str], model_name: str | None = None) -> TargetCache | ConcatTargetCache:
+    if isinstance(data, str):
+        return TargetCache(data, model_name)
+    return ConcatTargetCache([TargetCache(d, model_name) for d in data])
