@@ -95,28 +95,34 @@ def load_target(spec: EngineSpec):  # -> LoadedModel
 def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine, str]
     """Load the target (unless given), the proposer for `spec.method`, and the engine."""
     from dspark.engine.engine import Engine, EngineConfig
-    from dspark.spec.proposer import create_proposer
 
     if spec.block_size < 0 or spec.block_size > 64:
         raise UserError(f"block-size must be in [0, 64], got {spec.block_size}")
     target = target or load_target(spec)
     method = resolve_method(spec)
-    proposer = None
-    if method != "ar":
-        try:
-            proposer = create_proposer(
-                method, target=target, block_size=spec.block_size, draft_model=spec.draft_model,
-                checkpoint=spec.drafter_checkpoint, max_batch_size=spec.max_batch_size,
-                max_seq_len=spec.max_seq_len, dtype=DTYPES[spec.dtype],
-                device=spec.device or default_device())
-        except KeyError as e:
-            raise UserError(str(e.args[0])) from None
+    proposer = make_proposer(spec, target, method)
     config = EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                           block_size=spec.block_size, verify_policy=spec.verify_policy,
                           confidence_threshold=spec.confidence_threshold)
     policy, sps = make_policy(spec, target)
     engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps)
     return target, engine, method
+
+
+def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None
+    """The proposer for `method` ("ar": none). Fleet drafter workers build theirs here too."""
+    from dspark.spec.proposer import create_proposer
+
+    if method == "ar":
+        return None
+    try:
+        return create_proposer(
+            method, target=target, block_size=spec.block_size, draft_model=spec.draft_model,
+            checkpoint=spec.drafter_checkpoint, max_batch_size=spec.max_batch_size,
+            max_seq_len=spec.max_seq_len, dtype=DTYPES[spec.dtype],
+            device=spec.device or default_device())
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
 
 
 def make_policy(spec: EngineSpec, target):  # -> (VerifyPolicy | None, StepCostProfile | None)

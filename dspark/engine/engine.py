@@ -19,9 +19,9 @@ from collections import deque
 
 import torch
 
-from dspark.models.runner import ModelRunner, SeqInput
 from dspark.engine.sequence import FinishReason, RequestOutput, Sequence, StreamCallback
 from dspark.errors import UserError
+from dspark.models.runner import ModelRunner, SeqInput
 from dspark.models.transformer import CausalLM
 from dspark.spec.proposer import Draft, DraftRequest, Proposer
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
@@ -57,7 +57,8 @@ class StepStats:
 class Engine:
     def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
-                 policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None) -> None:
+                 policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None,
+                 feature_layers: tuple[int, ...] | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
         max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
@@ -67,7 +68,11 @@ class Engine:
         self.policy = policy  # None = verify every draft (the `fixed` policy)
         self.sps = sps  # measured steps/s by verification batch size, for the confidence policy
         self.eos_token_ids = tuple(eos_token_ids)
-        self.taps = tuple(proposer.feature_layers) if proposer is not None else ()
+        # Target layers to tap. A fleet target worker has no local proposer but taps for the
+        # remote drafter, so the layers can be given explicitly.
+        if feature_layers is None:
+            feature_layers = tuple(proposer.feature_layers) if proposer is not None else ()
+        self.taps = tuple(feature_layers)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
@@ -76,6 +81,14 @@ class Engine:
     # -- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     on_tokens: StreamCallback | None = None) -> int:
+        seq = self.new_sequence(prompt_ids, params, on_tokens)
+        self.waiting.append(seq)
+        return seq.seq_id
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams,
+                     on_tokens: StreamCallback | None = None) -> Sequence:
+        """A validated `Sequence` (stop ids, RNG) not yet queued: `add_request` queues it,
+        fleet workers drive it through `prefill` / `verify_round` themselves."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= self.cache.max_len:
@@ -83,10 +96,8 @@ class Engine:
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops |= set(self.eos_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), params, frozenset(stops),
-                       make_generator(params.seed, self.runner.device), on_tokens)
-        self.waiting.append(seq)
-        return seq.seq_id
+        return Sequence(next(self._ids), list(prompt_ids), params, frozenset(stops),
+                        make_generator(params.seed, self.runner.device), on_tokens)
 
     def abort(self, seq_id: int) -> None:
         for seq in itertools.chain(self.waiting, self.running):
@@ -133,17 +144,24 @@ class Engine:
             new.append(seq)
         if not new:
             return
-        t0 = time.perf_counter()
-        out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in new], self.taps, last_only=True)
-        for b, seq in enumerate(new):
-            token = self._sample_one(out.logits[b], seq)
-            if out.taps is not None:
-                seq.pending_features.append(out.taps[b])
+        self.prefill(new, stats)
+        for seq in new:
             if self.proposer is not None:
                 self.proposer.start(seq.seq_id, seq.prompt_ids)
             self.running.append(seq)
+
+    def prefill(self, seqs: list[Sequence], stats: StepStats) -> None:
+        """One batched forward over the prompts of `seqs` (slots already allocated): fills
+        their KV, samples each first token (emitted) and keeps the prompt's tapped features
+        in `pending_features`. Public so a fleet prefill worker runs exactly this."""
+        t0 = time.perf_counter()
+        out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in seqs], self.taps, last_only=True)
+        for b, seq in enumerate(seqs):
+            token = self._sample_one(out.logits[b], seq)
+            if out.taps is not None:
+                seq.pending_features.append(out.taps[b])
             self._emit(seq, [token])
-        stats.num_prefill = len(new)
+        stats.num_prefill = len(seqs)
         stats.prefill_s = time.perf_counter() - t0
 
     def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
@@ -155,8 +173,16 @@ class Engine:
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
         t0 = time.perf_counter()
         drafts = self._propose(seqs)
-        lengths = self._schedule(seqs, drafts)
+        stats.propose_s = time.perf_counter() - t0
+        self.verify_round(seqs, drafts, stats)
+
+    def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> None:
+        """The verify-and-commit half of a round, for drafts made anywhere (the local
+        proposer, or a remote drafter worker in the fleet): apply the verification policy to
+        the whole batch, score `[anchor, drafts...]` of every sequence in ONE forward, keep
+        each accepted prefix plus the target's token, roll the KV back past the rest."""
         t1 = time.perf_counter()
+        lengths = self._schedule(seqs, drafts)
         inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
         out = self.runner.forward(inputs, self.taps)
         for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
@@ -175,7 +201,6 @@ class Engine:
             _add_at(stats.accepted_per_position, [1] * res.num_accepted)
         stats.num_seqs = len(seqs)
         stats.verify_tokens = sum(len(i.tokens) for i in inputs)
-        stats.propose_s = t1 - t0
         stats.verify_s = time.perf_counter() - t1
 
     def _propose(self, seqs: list[Sequence]) -> list[Draft]:
@@ -188,6 +213,10 @@ class Engine:
             requests.append(DraftRequest(seq.seq_id, seq.token_ids, self._max_drafts(seq), seq.params,
                                          feats, seq.generator))
         return self.proposer.propose(requests)
+
+    def max_drafts(self, seq: Sequence) -> int:
+        """How many drafts `seq` can use next round (block size, tokens left, KV room)."""
+        return self._max_drafts(seq)
 
     def _max_drafts(self, seq: Sequence) -> int:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)

@@ -1,0 +1,70 @@
+"""Stream one generation from a running fleet over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dspark.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="router HOST:PORT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing streamed")
+
+
+def build_request(args: argparse.Namespace):  # -> generation_pb2.GenerateRequest
+    from dspark.v1 import generation_pb2 as pb
+
+    sampling = pb.SamplingOptions(temperature=args.temperature)
+    for name in ("max_new_tokens", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(sampling, name, getattr(args, name))
+    if args.chat:
+        msgs = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=args.prompt)])
+        return pb.GenerateRequest(messages=msgs, sampling=sampling)
+    return pb.GenerateRequest(text=args.prompt, sampling=sampling)
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from dspark.v1 import generation_pb2 as pb
+    from dspark.v1 import generation_pb2_grpc as pb_grpc
+
+    text, ids, last = [], [], None
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            for msg in stub.Generate(build_request(args), timeout=args.timeout):
+                if msg.offset != len(ids):
+                    raise UserError(f"stream gap or duplicate at offset {msg.offset} (have {len(ids)})")
+                ids += msg.token_ids
+                text.append(msg.text)
+                last = msg
+                if not args.json:
+                    print(msg.text, end="", flush=True)
+        except grpc.RpcError as e:
+            raise UserError(f"{e.code().name}: {e.details()}") from None
+    usage = last.usage if last is not None else pb.Usage()
+    if args.json:
+        print(json.dumps({
+            "request_id": last.request_id if last else "", "text": "".join(text), "token_ids": ids,
+            "finish_reason": pb.FinishReason.Name(last.finish_reason) if last else "",
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "num_target_forwards": usage.num_target_forwards,
+            "mean_accepted_length": round(usage.mean_accepted_length, 4)}))
+    else:
+        print(file=sys.stdout)
+        print(f"[{usage.completion_tokens} tokens, mean accepted length {usage.mean_accepted_length:.2f}]",
+              file=sys.stderr)
+    return 0

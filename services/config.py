@@ -1,0 +1,109 @@
+"""The fleet's one validated config (`deploy/serve/fleet.yaml`): model, speculation method,
+KV transport, Redis and one pool per role. Rejects unknown keys (`extra="forbid"`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from dspark.commands.common import DEFAULT_MODEL, EngineSpec
+from dspark.errors import UserError
+
+POOL_NAMES = ("prefill", "target", "drafter")
+DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    replicas: int = Field(1, ge=1, le=64, description="replicas of this role; each is its own "
+                          "named deployment so a request can stay sticky to the one holding its state")
+    num_cpus: float = Field(0.5, ge=0, description="Ray logical CPUs per replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per "
+                                        "replica, e.g. {pool_target: 0.5}: pins the replica to its pool's nodes")
+    accelerator_type: str | None = Field(None, description="Ray accelerator_type constraint (e.g. H100)")
+    device: str = Field("cpu", description="torch device of the replica: cpu | cuda")
+    dtype: Literal["float32", "bfloat16"] | None = Field(None, description="override of the fleet dtype")
+    hourly_cost: float = Field(0.0, ge=0, description="USD per replica-hour, exported for cost per token")
+    max_batch_size: int = Field(16, ge=1, description="calls batched into one forward (Serve dynamic "
+                                "batching); for the target also its number of KV slots")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
+    load_target: bool = Field(True, description="drafter only: load the target model for the "
+                              "proposer (model-free proposers such as ngram do not need it)")
+
+
+def _pool(**overrides: object) -> PoolConfig:
+    return PoolConfig(**overrides)  # type: ignore[arg-type]
+
+
+class FleetConfig(_Strict):
+    model: str = Field(DEFAULT_MODEL, description="target model: registry name or checkpoint path")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="default dtype of every pool")
+    method: str = Field("ngram", description="speculation method: ar or a registered proposer")
+    block_size: int = Field(7, ge=0, le=64, description="K: max draft tokens per step")
+    draft_model: str | None = Field(None, description="draft model for method draft-model")
+    drafter_checkpoint: str | None = Field(None, description="DSpark/DFlash drafter checkpoint dir")
+    verify_policy: str = Field("fixed", description="fixed | threshold | confidence (whole target batch)")
+    confidence_threshold: float = Field(0.5, description="threshold policy's cut-off")
+    max_seq_len: int = Field(2048, ge=16, description="prompt + output tokens per request")
+    max_new_tokens: int = Field(1024, ge=1, description="upper limit a request may ask for")
+    default_max_new_tokens: int = Field(256, ge=1, description="when a request does not say")
+    max_in_flight: int = Field(64, ge=1, description="concurrent requests before RESOURCE_EXHAUSTED/429")
+    kv_transport: Literal["gloo", "nccl", "object_store"] = Field(
+        "gloo", description="prefill -> target KV transport backend")
+    kv_timeout_s: float = Field(60.0, gt=0, description="KV transfer connect/operation timeout")
+    redis_url: str | None = Field(None, description="Redis for state; None: `dspark serve` starts one")
+    redis_namespace: str = Field("dspark", description="key prefix in Redis")
+    recovery_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for a "
+                                      "healthy replica after its target or drafter died")
+    app_name: str = Field("dspark", description="Ray Serve application name")
+    pools: dict[Literal["prefill", "target", "drafter"], PoolConfig] = Field(
+        default_factory=lambda: {name: _pool(resources={f"pool_{name}": 0.5}) for name in POOL_NAMES},
+        description="one pool per role")
+
+    def pool(self, name: str) -> PoolConfig:
+        return self.pools.get(name) or PoolConfig()  # type: ignore[call-overload]
+
+    def deployment_names(self, pool: str) -> list[str]:
+        """Replica i of a pool is deployment `<Base>` (i = 0) or `<Base><i>`."""
+        base = DEPLOYMENT_NAMES[pool]
+        return [base if i == 0 else f"{base}{i}" for i in range(self.pool(pool).replicas)]
+
+    def engine_spec(self, pool: str) -> EngineSpec:
+        p = self.pool(pool)
+        return EngineSpec(model=self.model, dtype=p.dtype or self.dtype, device=p.device,
+                          method=self.method, block_size=self.block_size, draft_model=self.draft_model,
+                          drafter_checkpoint=self.drafter_checkpoint, verify_policy=self.verify_policy,
+                          confidence_threshold=self.confidence_threshold,
+                          max_batch_size=p.max_batch_size, max_seq_len=self.max_seq_len)
+
+    def pool_resources(self) -> dict[str, float]:
+        """Custom resources a local Ray must offer so every replica fits (simulated pools)."""
+        total: dict[str, float] = {}
+        for name in POOL_NAMES:
+            p = self.pool(name)
+            for key, amount in p.resources.items():
+                total[key] = total.get(key, 0.0) + amount * p.replicas
+        return {key: float(math.ceil(amount)) for key, amount in total.items()}  # Ray wants whole numbers
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> FleetConfig:
+    """Read YAML (or defaults when `path` is None), apply `overrides`, validate."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise UserError(f"cannot read fleet config {path}: {e}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return FleetConfig.model_validate(data)
+    except ValueError as e:
+        raise UserError(f"invalid fleet config {path or '(defaults)'}: {e}") from None

@@ -1,0 +1,99 @@
+"""`dspark.v1.Generation` over grpc.aio, mapped onto the router's request loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dspark.v1 import generation_pb2 as pb
+from dspark.v1 import generation_pb2_grpc as pb_grpc
+from services.router.errors import RouterError
+from services.router.loop import Router, StepEvent
+from services.router.validate import Limits, RequestSpec, encode_prompt, make_spec
+from services.state.redis_state import StateUnavailable, UnknownRequest
+
+FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+          "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_CANCELLED,
+          "error": pb.FINISH_REASON_ERROR}
+RESUME_POLL_S = 0.05
+
+
+def to_response(ev: StepEvent) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=ev.request_id, token_ids=ev.token_ids, text=ev.text,
+                              offset=ev.offset, finish_reason=FINISH[ev.finish_reason])
+    if ev.drafted or ev.verify_tokens:
+        msg.step.CopyFrom(pb.SpecStats(
+            drafted=ev.drafted, accepted=ev.accepted, verify_tokens=ev.verify_tokens,
+            accepted_per_position=[1] * ev.accepted + [0] * (ev.drafted - ev.accepted)))
+    if ev.finish_reason:
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                    num_target_forwards=ev.num_target_forwards,
+                                    mean_accepted_length=ev.mean_accepted_length))
+    return msg
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router, limits: Limits, methods: list[str]) -> None:
+        self.router, self.limits, self.methods = router, limits, methods
+
+    def _spec(self, req: pb.GenerateRequest) -> RequestSpec:
+        kind = req.WhichOneof("prompt")
+        prompt = encode_prompt(
+            self.router.tokenizer,
+            text=req.text if kind == "text" else None,
+            messages=[{"role": m.role, "content": m.content} for m in req.messages.messages]
+            if kind == "messages" else None,
+            token_ids=list(req.token_ids.ids) if kind == "token_ids" else None)
+        s = req.sampling
+
+        def opt(name: str) -> object:
+            return getattr(s, name) if s.HasField(name) else None
+
+        return make_spec(self.limits, prompt, model=req.model, method=req.speculation.method,
+                         temperature=opt("temperature"), top_p=opt("top_p"), top_k=opt("top_k"),
+                         seed=opt("seed"), max_new_tokens=opt("max_new_tokens"),
+                         stop_token_ids=tuple(req.stop.stop_token_ids), ignore_eos=req.stop.ignore_eos,
+                         request_id=req.request_id)
+
+    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC's naming
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            if request.stop.stop:
+                raise RouterError("INVALID_ARGUMENT", "stop strings are not supported yet; use stop_token_ids")
+            stream = self.router.generate(self._spec(request))
+            try:
+                async for ev in stream:
+                    yield to_response(ev)
+            finally:
+                await stream.aclose()
+        except RouterError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+
+    async def Resume(self, request: pb.ResumeRequest,  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream the token log from `offset`, following it until the request ends."""
+        offset, state = request.offset, self.router.state
+        try:
+            while True:
+                record = await asyncio.to_thread(state.get, request.request_id)
+                tokens = await asyncio.to_thread(state.read_tokens, request.request_id, offset)
+                done = record.status.terminal
+                if tokens or done:
+                    reason = record.meta.get("finish_reason") if done else None
+                    yield to_response(StepEvent(request.request_id, offset, tokens,
+                                                self.router.tokenizer.decode(tokens), finish_reason=reason))
+                    offset += len(tokens)
+                if done:
+                    return
+                await asyncio.sleep(RESUME_POLL_S)
+        except UnknownRequest:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id}")
+        except StateUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.limits.model, methods=self.methods,
+                                                          max_context=self.limits.max_context)])

@@ -1,0 +1,62 @@
+"""The router process's servers: gRPC (Generation + health + reflection) and the OpenAI
+HTTP front on one asyncio loop, both calling one `Router`."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from dspark.models.loader import resolve_model_dir
+from dspark.models.tokenizer import Tokenizer
+from dspark.spec.proposer import proposer_names
+from dspark.v1 import generation_pb2_grpc as pb_grpc
+from services.config import FleetConfig
+from services.grpc_util import add_health_and_reflection
+from services.metrics import FleetMetrics
+from services.router.grpc_api import GenerationService
+from services.router.http_api import OpenAIFront
+from services.router.loop import Router
+from services.router.pools import WorkerPools
+from services.router.validate import Limits
+from services.state.redis_state import FleetState
+
+SERVICE_NAME = "dspark.v1.Generation"
+
+
+class RouterServer:
+    def __init__(self, cfg: FleetConfig, state: FleetState, metrics: FleetMetrics) -> None:
+        self.cfg, self.state, self.metrics = cfg, state, metrics
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_runner: web.AppRunner | None = None
+        self.router: Router | None = None
+
+    async def start(self, host: str, grpc_port: int, http_port: int) -> tuple[int, int]:
+        """Bind both fronts (port 0 = any free port); returns the bound ports."""
+        pools = WorkerPools(self.cfg)
+        tinfo = await pools.handle(pools.names["target"][0]).info.remote()
+        tokenizer = Tokenizer.from_dir(resolve_model_dir(self.cfg.model), tinfo.eos_token_ids)
+        limits = Limits.of(self.cfg, tinfo.max_context, tinfo.vocab_size)
+        self.router = Router(self.cfg, self.state, pools, tokenizer, self.metrics)
+        for pool in ("prefill", "target", "drafter"):
+            p = self.cfg.pool(pool)
+            self.metrics.set_pool(pool, p.hourly_cost * p.replicas, p.replicas)
+
+        self.grpc_server = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationService(self.router, limits, ["ar", *proposer_names()]), self.grpc_server)
+        add_health_and_reflection(self.grpc_server, [SERVICE_NAME])
+        bound_grpc = self.grpc_server.add_insecure_port(f"{host}:{grpc_port}")
+        await self.grpc_server.start()
+
+        self.http_runner = web.AppRunner(OpenAIFront(self.router, limits).app())
+        await self.http_runner.setup()
+        site = web.TCPSite(self.http_runner, host, http_port)
+        await site.start()
+        bound_http = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return bound_grpc, bound_http
+
+    async def stop(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()

@@ -1,0 +1,64 @@
+"""What the router and the workers hand each other (internal: Ray pickles these between
+fleet processes; nothing a client sends is ever unpickled)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dspark.spec.proposer import Draft
+
+
+class StateLost(RuntimeError):
+    """A worker holds no state for the request (it restarted, or the request was freed):
+    the router re-prefills prompt + committed tokens and continues."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    deployment: str
+    peer_id: str  # unique per replica process: names it in KV-transport pairs
+    feature_layers: tuple[int, ...] = ()  # drafter: target layers it reads
+    has_proposer: bool = True  # drafter: False for method "ar"
+    eos_token_ids: tuple[int, ...] = ()
+    max_context: int = 0
+    num_free_slots: int = 0
+    vocab_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    finish_reason: str | None  # the first token already ended the request (stop / length)
+    num_tokens: int  # KV rows shipped
+    kv_bytes: int
+    prefill_s: float
+    transfer_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposeCall:
+    request_id: str
+    token_ids: list[int]  # committed tokens; the last one is the anchor
+    max_tokens: int
+    new_features: torch.Tensor | None = None  # (n, m, d) committed positions since last call
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyCall:
+    request_id: str
+    draft: Draft
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReply:
+    tokens: list[int]  # committed this step: accepted drafts + the target's own token
+    drafted: int
+    accepted: int
+    verify_tokens: int  # this request's tokens in the batched forward
+    batch_size: int  # requests in that forward
+    max_drafts: int  # drafts the next step can use (block size, budget, KV room)
+    finish_reason: str | None
+    features: torch.Tensor | None  # tapped features of the newly committed positions
+    verify_s: float

@@ -1,0 +1,132 @@
+"""TargetWorker: holds the KV cache of its requests and verifies drafts.
+
+Concurrent `verify` calls from many requests are batched by Serve into ONE target forward:
+the engine's own `verify_round` applies the verification policy to the whole batch, checks
+every draft and commits (rolls the KV back past rejected drafts)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+from ray import serve
+
+from dspark.commands.common import load_target, make_policy
+from dspark.engine.engine import Engine, EngineConfig, StepStats
+from dspark.engine.sequence import Sequence
+from dspark.kv.handshake import KVSpec
+from dspark.spec.sampling import SamplingParams
+from services.config import FleetConfig
+from services.workers.base import make_transport, new_peer_id, setup_process
+from services.workers.messages import StateLost, VerifyCall, VerifyReply, WorkerInfo
+
+
+class TargetWorker:
+    def __init__(self, config: dict, deployment: str = "TargetWorker") -> None:
+        setup_process()
+        self.cfg = FleetConfig.model_validate(config)
+        spec = self.cfg.engine_spec("target")
+        self.target = load_target(spec)
+        policy, sps = make_policy(spec, self.target)
+        self.engine = Engine(self.target.model, self.target.eos_token_ids, None,
+                             EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
+                                          block_size=spec.block_size, verify_policy=spec.verify_policy,
+                                          confidence_threshold=spec.confidence_threshold),
+                             policy, sps, feature_layers=())
+        self.kv_spec = KVSpec.of_cache(self.engine.cache, self.cfg.model)
+        self.deployment, self.peer_id = deployment, new_peer_id(deployment)
+        self.transport = make_transport(self.cfg, self.peer_id)
+        self.seqs: dict[str, Sequence] = {}
+        self._lock = threading.Lock()
+        pool = self.cfg.pool("target")
+        self._verify_batch.set_max_batch_size(pool.max_batch_size)
+        self._verify_batch.set_batch_wait_timeout_s(pool.batch_wait_timeout_s)
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.deployment, self.peer_id, eos_token_ids=self.target.eos_token_ids,
+                          max_context=self.engine.cache.max_len, num_free_slots=self.engine.cache.num_free,
+                          vocab_size=self.target.config.vocab_size)
+
+    def num_free_slots(self) -> int:
+        return self.engine.cache.num_free
+
+    # -- admission: KV from a prefill worker ----------------------------------------------
+    async def receive(self, request_id: str, prefill_peer: str, prompt_ids: list[int],
+                      params: SamplingParams, committed: list[int] | None = None,
+                      feature_layers: tuple[int, ...] = ()) -> int:
+        """Import the KV of `prompt_ids` (+ `committed[:-1]` when re-prefilling after a
+        failover) streamed by `prefill_peer`; returns how many drafts the first step can use."""
+        return await asyncio.to_thread(self._receive, request_id, prefill_peer, prompt_ids, params,
+                                       committed, feature_layers)
+
+    def _receive(self, request_id: str, prefill_peer: str, prompt_ids: list[int],
+                 params: SamplingParams, committed: list[int] | None,
+                 feature_layers: tuple[int, ...]) -> int:
+        with self._lock:
+            self._free(request_id)  # a retried admission replaces the old state
+            self.engine.taps = tuple(feature_layers)
+            seq = self.engine.new_sequence(prompt_ids, params)
+            seq.slot = self.engine.cache.allocate()
+        try:
+            # Layers land in this request's own slot while others verify (disjoint rows).
+            got = self.transport.recv_kv(prefill_peer, self.kv_spec, lambda i, k, v:
+                                         self.engine.cache.import_layer(seq.slot, i, k, v))
+            if got.request_id != request_id:
+                raise RuntimeError(f"KV for {got.request_id} arrived while expecting {request_id}")
+        except BaseException:
+            with self._lock:
+                self.engine.cache.free(seq.slot)
+            raise
+        first = int(got.extras[0][0])
+        with self._lock:
+            self.engine.cache.set_length(seq.slot, got.num_tokens)
+            # KV invariant: the cache holds every committed token but the last (the anchor).
+            seq.output_ids = list(committed) if committed else [first]
+            self.seqs[request_id] = seq
+            return self.engine.max_drafts(seq)
+
+    # -- one speculative step ---------------------------------------------------------------
+    async def verify(self, call: VerifyCall) -> VerifyReply:
+        reply = await self._verify_batch(call)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _verify_batch(self, calls: list[VerifyCall]) -> list[VerifyReply | StateLost]:
+        return await asyncio.to_thread(self._verify, calls)
+
+    def _verify(self, calls: list[VerifyCall]) -> list[VerifyReply | StateLost]:
+        with self._lock:
+            live = [c for c in calls if c.request_id in self.seqs]
+            seqs = [self.seqs[c.request_id] for c in live]
+            before = [(len(s.output_ids), s.num_drafted, s.num_accepted) for s in seqs]
+            stats = StepStats()
+            if seqs:
+                self.engine.verify_round(seqs, [c.draft for c in live], stats)
+            replies: dict[str, VerifyReply] = {}
+            for seq, call, (n_out, n_drafted, n_acc) in zip(seqs, live, before, strict=True):
+                features = torch.cat(seq.pending_features) if seq.pending_features else None
+                seq.pending_features.clear()
+                drafted = seq.num_drafted - n_drafted
+                replies[call.request_id] = VerifyReply(
+                    tokens=seq.output_ids[n_out:], drafted=drafted, accepted=seq.num_accepted - n_acc,
+                    verify_tokens=1 + drafted, batch_size=len(seqs),
+                    max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
+                    finish_reason=seq.finish_reason.value if seq.finished else None,
+                    features=features, verify_s=stats.verify_s)
+        return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
+                                                       f"{c.request_id}") for c in calls]
+
+    # -- release -----------------------------------------------------------------------------
+    def free(self, request_id: str) -> bool:
+        with self._lock:
+            return self._free(request_id)
+
+    def _free(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.engine.cache.free(seq.slot)
+        return seq is not None
+

@@ -1,0 +1,40 @@
+"""One real fleet (Ray on loopback, redis-server, Serve app, router) per test module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+MAX_NEW = 24
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4, 5,"]
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[object]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (make system-deps)")
+    from services.config import load_config
+    from services.launcher import LocalFleet
+
+    cfg = load_config("deploy/serve/fleet.yaml", max_in_flight=16, recovery_timeout_s=90)
+    with LocalFleet(cfg, metrics_port=0) as f:
+        yield f
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, list[int]]:
+    """Greedy outputs of the embedded engine with the same model and method."""
+    import torch
+
+    from dspark.commands.common import EngineSpec, build_engine
+    from dspark.spec.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    target, engine, _ = build_engine(EngineSpec(method="ngram", max_batch_size=4))
+    prompts = [target.tokenizer.encode(p) for p in PROMPTS]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW))
+    return {p: o.token_ids for p, o in zip(PROMPTS, outs, strict=True)}

@@ -1,0 +1,150 @@
+"""The fleet end to end: exactness against the embedded engine, concurrency, backpressure,
+cancellation, replica failover and Redis outage (real Ray, Redis, gRPC, HTTP on loopback)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from tests.integration.fleet.conftest import MAX_NEW, PROMPTS
+from tests.integration.fleet.helpers import (
+    collect,
+    free_slots,
+    http_post,
+    replica_actor,
+    request,
+    stub,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_grpc_greedy_equals_embedded(fleet, reference):
+    s = stub(fleet)
+    for prompt in PROMPTS:
+        ids, msgs = collect(s.Generate(request(prompt, MAX_NEW), timeout=300))
+        assert ids == reference[prompt]
+        assert msgs[-1].usage.completion_tokens == len(ids)
+        assert msgs[-1].finish_reason != 0
+
+
+def test_http_greedy_equals_embedded(fleet, reference):
+    prompt = PROMPTS[0]
+    body = {"prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0}
+    status, raw = http_post(fleet, "/v1/completions", body)
+    assert status == 200, raw
+    choice = json.loads(raw)["choices"][0]
+    assert choice["token_ids"] == reference[prompt]
+    status, raw = http_post(fleet, "/v1/completions", {**body, "stream": True})
+    assert status == 200
+    events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    ids = [t for e in events[:-1] for t in json.loads(e)["choices"][0]["token_ids"]]
+    assert ids == reference[prompt]
+    status, raw = http_post(fleet, "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"]
+
+
+def test_eight_concurrent_streams(fleet, reference):
+    s, results = stub(fleet), {}
+
+    def one(i: int) -> None:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        results[i] = (prompt, collect(s.Generate(request(prompt, MAX_NEW), timeout=300))[0])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    for prompt, ids in results.values():
+        assert ids == reference[prompt]
+
+
+def test_invalid_requests(fleet):
+    s = stub(fleet)
+    with pytest.raises(grpc.RpcError) as e:
+        list(s.Generate(request("", 8)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        list(s.Generate(request("hi", 10**6)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, _ = http_post(fleet, "/v1/completions", {"prompt": "hi", "temperature": -1})
+    assert status == 400
+
+
+def test_backpressure(fleet):
+    router = fleet.server.router
+    saved = router.cfg
+    router.cfg = saved.model_copy(update={"max_in_flight": 1})
+    try:
+        s = stub(fleet)
+        stream = s.Generate(request(PROMPTS[1], 64), timeout=300)
+        next(stream)  # admitted and running
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.Generate(request("hi", 4)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status, _ = http_post(fleet, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        assert status == 429
+        stream.cancel()
+    finally:
+        router.cfg = saved
+    _wait_free(fleet)
+
+
+def test_cancel_frees_kv(fleet):
+    full = free_slots(fleet)
+    stream = stub(fleet).Generate(request(PROMPTS[1], 200), timeout=300)
+    next(stream)
+    next(stream)
+    assert free_slots(fleet) == full - 1
+    stream.cancel()
+    _wait_free(fleet, full)
+
+
+@pytest.mark.parametrize("deployment", ["DrafterWorker", "TargetWorker"])
+def test_replica_killed_mid_stream(fleet, reference, deployment):
+    prompt = PROMPTS[2]
+    stream = stub(fleet).Generate(request(prompt, MAX_NEW), timeout=300)
+    first = next(stream)
+    ray.kill(replica_actor(deployment), no_restart=True)  # Serve replaces it; state is gone
+    ids, _ = collect(_chain([first], stream))
+    assert ids == reference[prompt]
+    _wait_free(fleet)
+
+
+def test_redis_down_is_unavailable(fleet):
+    port = fleet.redis.port
+    fleet.redis.stop(cleanup=False)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub(fleet).Generate(request("hi", 4), timeout=60))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        status, _ = http_post(fleet, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        assert status == 503
+        _wait_free(fleet)
+    finally:
+        from services.state.server import RedisServer
+
+        fleet.redis = RedisServer(port=port).start()
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
+
+
+def _wait_free(fleet, expected: int | None = None, timeout_s: float = 30) -> None:
+    """Every KV slot back (cancellation and failover free state on the workers)."""
+    expected = expected or fleet.cfg.pool("target").max_batch_size
+    deadline = time.monotonic() + timeout_s
+    while free_slots(fleet) != expected:
+        assert time.monotonic() < deadline, f"{free_slots(fleet)} of {expected} KV slots free"
+        time.sleep(0.2)
