@@ -26,6 +26,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "serve": "dspark.commands.serve",
     "client": "dspark.commands.client",
     "loadtest": "dspark.commands.loadtest",
+    "keys": "dspark.commands.keys",
 }
 
 

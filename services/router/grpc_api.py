@@ -60,9 +60,14 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC's naming
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            if request.stop.stop:
-                raise RouterError("INVALID_ARGUMENT", "stop strings are not supported yet; use stop_token_ids")
-            stream = self.router.generate(self._spec(request))
+            try:
+                if request.stop.stop:
+                    raise RouterError("INVALID_ARGUMENT", "stop strings are not supported yet; use stop_token_ids")
+                spec = self._spec(request)
+            except RouterError as e:  # rejected before the request loop (which counts its own)
+                self.router.metrics.observe_error(e.code)
+                raise
+            stream = self.router.generate(spec)
             try:
                 async for ev in stream:
                     yield to_response(ev)

@@ -76,11 +76,16 @@ class OpenAIFront:
         try:
             body = await request.json()
         except ValueError:
+            self.router.metrics.observe_error("INVALID_ARGUMENT")
             return _error(invalid("the body is not valid JSON"))
         try:
-            spec = self._spec(body, chat)
-            if body.get("stop"):
-                raise invalid("stop strings are not supported yet; use stop_token_ids")
+            try:
+                spec = self._spec(body, chat)
+                if body.get("stop"):
+                    raise invalid("stop strings are not supported yet; use stop_token_ids")
+            except RouterError as e:  # rejected before the request loop (which counts its own)
+                self.router.metrics.observe_error(e.code)
+                raise
             stream = self.router.generate(spec)
             if body.get("stream"):
                 return await self._stream(request, spec, stream, chat)

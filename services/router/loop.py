@@ -99,6 +99,7 @@ class Router:
     # -- one request ---------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
         if self.in_flight >= self.cfg.max_in_flight:
+            self.metrics.observe_error("RESOURCE_EXHAUSTED")
             raise RouterError("RESOURCE_EXHAUSTED", f"{self.in_flight} requests in flight; retry later")
         self.in_flight += 1
         self.metrics.set_queue(self.in_flight, 0)

@@ -94,8 +94,14 @@ def _guarded(handler: grpc.RpcMethodHandler, key_name: str, admission: Admission
             await check(request, context)
             result = inner(request, context)
             if inspect.isasyncgen(result):
-                async for msg in result:
-                    yield msg
+                try:
+                    async for msg in result:
+                        yield msg
+                finally:
+                    # A client cancel can land while we wait at our own `yield`; close the
+                    # servicer's generator now so its cleanup (freeing KV) runs at once,
+                    # not whenever the garbage collector finds it.
+                    await result.aclose()
             else:  # a coroutine handler that writes with context.write
                 await result
         behaviour: Callable[..., Any] = stream

@@ -45,9 +45,10 @@ def error_response(error: RequestError) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-def http_guard(admission: Admission, exempt_paths: Iterable[str] = EXEMPT_PATHS) -> Callable[..., Awaitable[web.StreamResponse]]:
+def http_guard(admission: Admission, exempt_paths: Iterable[str] = EXEMPT_PATHS) -> Middleware:
     exempt = frozenset(exempt_paths)
 
     @web.middleware

@@ -11,6 +11,7 @@ Everything here is a pure function of its inputs: no I/O, no clock, no model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -242,6 +243,16 @@ def _int(value: Any, field: str, default: int | None, *, lo: int, hi: int) -> An
 
 
 # -- wire formats -> the neutral mapping --------------------------------------------------
+
+def parse_json(data: bytes) -> Any:
+    """HTTP body -> JSON value, or INVALID_ARGUMENT. Catches RecursionError too: a body of
+    100k nested `[` (well under 1 MiB) exhausts the C decoder's stack limit, and aiohttp's
+    `request.json()` would let that escape as HTTP 500."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        raise invalid("the body is not valid JSON") from None
+
 
 def from_proto(req: Any) -> dict[str, Any]:
     """`dspark.v1.GenerateRequest` -> mapping; unset optional fields become None (defaults)."""

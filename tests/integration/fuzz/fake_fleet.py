@@ -32,6 +32,7 @@ from services.security.validation import (
     from_openai,
     from_proto,
     grpc_status,
+    parse_json,
     validate_request,
 )
 
@@ -124,10 +125,7 @@ class FakeOpenAI:
     async def handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.model.state.key_names.append(request.get(KEY_NAME))
         try:
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError("INVALID_ARGUMENT", "the body is not valid JSON") from None
+            body = parse_json(await request.read())
             req = validate_request(from_openai(body, chat), LIMITS, count_tokens=count_bytes)
         except RequestError as e:
             return error_response(e)

@@ -157,29 +157,34 @@ JSON_ANY = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=10)
 
 
-def _field(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return plausible | JSON_ANY  # mostly-right values, sometimes any JSON at all
-
-
 @st.composite
 def openai_bodies(draw: st.DrawFn, chat: bool) -> bytes:
-    fields = {
-        "model": _field(st.sampled_from(["", "fake"])),
-        "max_tokens": _field(st.integers(-5, 70)),
-        "temperature": _field(st.floats(-1, 3)),
-        "top_p": _field(st.floats(-0.5, 1.5)),
-        "top_k": _field(st.integers(-2, 100)),
-        "seed": _field(st.integers(-1, 2**64)),
-        "stream": _field(st.booleans()),
-        "stop_token_ids": _field(st.lists(st.integers(-1, 2000), max_size=3)),
-    }
+    """Half the bodies are plausible (valid values, maybe a bad one by chance), half wild
+    (any field may hold any JSON), so both admission and generation paths get exercised."""
+    wild = draw(st.booleans())
+
+    def field(plausible: st.SearchStrategy[Any]) -> Any:
+        return draw(plausible | JSON_ANY if wild else plausible)
+
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                     "content": st.text(min_size=1, max_size=100)})
+    body: dict[str, Any] = {}
     if chat:
-        message = st.fixed_dictionaries({"role": _field(st.sampled_from(["user", "system", "robot"])),
-                                         "content": _field(st.text(max_size=100))})
-        fields["messages"] = _field(st.lists(message, max_size=4))
+        body["messages"] = field(st.lists(message, min_size=1, max_size=4))
     else:
-        fields["prompt"] = _field(st.text(max_size=200) | st.lists(st.integers(-1, 2000), max_size=20))
-    body = {k: draw(v) for k, v in fields.items() if draw(st.booleans())}
+        body["prompt"] = field(st.text(min_size=1, max_size=200) | st.lists(st.integers(0, 999), min_size=1,
+                                                                              max_size=20))
+    optional = {
+        "model": st.sampled_from(["", "fake"]), "max_tokens": st.integers(1, 16),
+        "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(0, 50),
+        "seed": st.integers(0, 2**32), "stream": st.booleans(),
+        "stop_token_ids": st.lists(st.integers(0, 999), max_size=3),
+    }
+    for name, plausible in optional.items():
+        if draw(st.booleans()):
+            body[name] = field(plausible)
+    if wild and draw(st.booleans()):
+        body = draw(JSON_ANY)  # not even an object, sometimes
     return json.dumps(body, allow_nan=True).encode()  # ASCII: lone surrogates travel as \\ud800 escapes
 
 

@@ -45,6 +45,7 @@ def test_fuzz_http(fleet: tuple[FakeFleet, str]) -> None:
     assert seen.get(400, 0) > 0 and seen.get(200, 0) > 0, seen
 
 
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")  # the 2 MiB body in the report
 def test_harness_catches_undocumented_codes(fleet: tuple[FakeFleet, str]) -> None:
     # Without a key everything is 401; declaring 401 undocumented must fail the run.
     f, _ = fleet

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-
 from dspark.cli import main
 
 
