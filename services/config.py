@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dspark.commands.common import DEFAULT_MODEL, EngineSpec
 from dspark.errors import UserError
+from services.security.config import SecurityConfig
 
 POOL_NAMES = ("prefill", "target", "drafter")
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
@@ -55,7 +56,10 @@ class FleetConfig(_Strict):
     max_seq_len: int = Field(2048, ge=16, description="prompt + output tokens per request")
     max_new_tokens: int = Field(1024, ge=1, description="upper limit a request may ask for")
     default_max_new_tokens: int = Field(256, ge=1, description="when a request does not say")
-    max_in_flight: int = Field(64, ge=1, description="concurrent requests before RESOURCE_EXHAUSTED/429")
+    max_in_flight: int = Field(64, ge=1, description="requests generating at once (also capped by the "
+                               "target pool's KV slots); more wait in the queue")
+    max_queued: int = Field(64, ge=0, description="requests waiting for room; one more is refused "
+                            "with RESOURCE_EXHAUSTED/429")
     kv_transport: Literal["gloo", "nccl", "object_store"] = Field(
         "gloo", description="prefill -> target KV transport backend")
     kv_timeout_s: float = Field(60.0, gt=0, description="KV transfer connect/operation timeout")
@@ -64,6 +68,10 @@ class FleetConfig(_Strict):
     recovery_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for a "
                                       "healthy replica after its target or drafter died")
     app_name: str = Field("dspark", description="Ray Serve application name")
+    drafter_timeout_s: float = Field(10.0, gt=0, description="a drafter call slower than this counts "
+                                     "as a failed drafter: the request continues as plain decoding")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys, TLS, rate "
+                                     "limit and request-size limits of the public fronts")
     pools: dict[Literal["prefill", "target", "drafter"], PoolConfig] = Field(
         default_factory=lambda: {name: _pool(resources={f"pool_{name}": 0.5}) for name in POOL_NAMES},
         description="one pool per role")

@@ -22,6 +22,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise UserError("temperature and top-p must be finite numbers")
         if not self.temperature >= 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -47,7 +49,9 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     logits = logits.float()
     if params.greedy:
         return one_hot_argmax(logits)
-    scaled = logits / params.temperature  # (N, V)
+    # Shift by the row max first: every value is then <= 0 with the argmax at exactly 0, so a
+    # tiny temperature sends the rest to -inf (a one-hot), never to inf - inf = NaN.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature  # (N, V)
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (N, V)
     if 0 < params.top_k < scaled.shape[-1]:
         sorted_logits[..., params.top_k:] = -math.inf

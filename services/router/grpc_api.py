@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,13 +10,14 @@ from dspark.v1 import generation_pb2 as pb
 from dspark.v1 import generation_pb2_grpc as pb_grpc
 from services.router.errors import RouterError
 from services.router.loop import Router, StepEvent
+from services.router.resume import Continuity
+from services.router.security import EdgeSecurity
 from services.router.validate import Limits, RequestSpec, encode_prompt, make_spec
-from services.state.redis_state import StateUnavailable, UnknownRequest
+from services.security.auth import current_key_name
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
           "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_CANCELLED,
           "error": pb.FINISH_REASON_ERROR}
-RESUME_POLL_S = 0.05
 
 
 def to_response(ev: StepEvent) -> pb.GenerateResponse:
@@ -35,10 +35,13 @@ def to_response(ev: StepEvent) -> pb.GenerateResponse:
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, limits: Limits, methods: list[str]) -> None:
+    def __init__(self, router: Router, limits: Limits, methods: list[str], edge: EdgeSecurity,
+                 continuity: Continuity) -> None:
         self.router, self.limits, self.methods = router, limits, methods
+        self.edge, self.continuity = edge, continuity
 
     def _spec(self, req: pb.GenerateRequest) -> RequestSpec:
+        self.edge.check_grpc(req, self.limits)  # sizes, types, UTF-8, ranges: before tokenizing
         kind = req.WhichOneof("prompt")
         prompt = encode_prompt(
             self.router.tokenizer,
@@ -55,7 +58,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                          temperature=opt("temperature"), top_p=opt("top_p"), top_k=opt("top_k"),
                          seed=opt("seed"), max_new_tokens=opt("max_new_tokens"),
                          stop_token_ids=tuple(req.stop.stop_token_ids), ignore_eos=req.stop.ignore_eos,
-                         request_id=req.request_id)
+                         request_id=req.request_id, owner=current_key_name.get() or "")
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC's naming
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
@@ -78,25 +81,17 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Resume(self, request: pb.ResumeRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream the token log from `offset`, following it until the request ends."""
-        offset, state = request.offset, self.router.state
+        """Stream the token log from `offset`, following it until the request ends; if
+        the request's router died, continue generating it here (see services.router.resume)."""
         try:
-            while True:
-                record = await asyncio.to_thread(state.get, request.request_id)
-                tokens = await asyncio.to_thread(state.read_tokens, request.request_id, offset)
-                done = record.status.terminal
-                if tokens or done:
-                    reason = record.meta.get("finish_reason") if done else None
-                    yield to_response(StepEvent(request.request_id, offset, tokens,
-                                                self.router.tokenizer.decode(tokens), finish_reason=reason))
-                    offset += len(tokens)
-                if done:
-                    return
-                await asyncio.sleep(RESUME_POLL_S)
-        except UnknownRequest:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id}")
-        except StateUnavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            stream = self.continuity.resume(request.request_id, request.offset, current_key_name.get() or "")
+            try:
+                async for ev in stream:
+                    yield to_response(ev)
+            finally:
+                await stream.aclose()
+        except RouterError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -5,6 +5,7 @@ exactness."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -13,7 +14,9 @@ from aiohttp import web
 
 from services.router.errors import RouterError
 from services.router.loop import Router, StepEvent
+from services.router.security import EdgeSecurity
 from services.router.validate import Limits, RequestSpec, encode_prompt, invalid, make_spec
+from services.security.http_guard import KEY_NAME
 
 
 def _error(e: RouterError) -> web.Response:
@@ -22,15 +25,29 @@ def _error(e: RouterError) -> web.Response:
 
 
 class OpenAIFront:
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self.router, self.limits = router, limits
+    def __init__(self, router: Router, limits: Limits, edge: EdgeSecurity) -> None:
+        self.router, self.limits, self.edge = router, limits, edge
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # The guard middleware authenticates and rate-limits every path but /health.
+        app = web.Application(middlewares=self.edge.http_middlewares())
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/debug/kv", self.debug_kv)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def debug_kv(self, request: web.Request) -> web.Response:
+        """KV slots held on the target replicas, for leak checks (`dspark loadtest
+        --leak-check-url`); behind the API key like everything else."""
+        pools, capacity = self.router.pools, self.router.cfg.pool("target").max_batch_size
+        infos = await asyncio.gather(*(pools.handle(n).info.remote() for n in pools.names["target"]))
+        return web.json_response({"used_slots": sum(capacity - i.num_free_slots for i in infos),
+                                  "in_flight": self.router.in_flight})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -43,7 +60,8 @@ class OpenAIFront:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=True)
 
-    def _spec(self, body: Any, chat: bool) -> RequestSpec:
+    def _spec(self, body: Any, chat: bool, owner: str) -> RequestSpec:
+        self.edge.check_openai(body, chat, self.limits)  # sizes, types, UTF-8, ranges
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object")
         tok = self.router.tokenizer
@@ -68,19 +86,17 @@ class OpenAIFront:
                 top_k=body.get("top_k"), seed=body.get("seed"),
                 max_new_tokens=None if n is None else int(n),
                 stop_token_ids=tuple(body.get("stop_token_ids") or ()),
-                ignore_eos=bool(body.get("ignore_eos", False)))
+                ignore_eos=bool(body.get("ignore_eos", False)), owner=owner)
         except (TypeError, ValueError) as e:
             raise invalid(f"bad parameter: {e}") from None
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except ValueError:
-            self.router.metrics.observe_error("INVALID_ARGUMENT")
-            return _error(invalid("the body is not valid JSON"))
-        try:
             try:
-                spec = self._spec(body, chat)
+                # Our own parser: aiohttp's request.json() lets a deeply nested body escape as
+                # RecursionError (HTTP 500).
+                body = self.edge.parse_body(await request.read())
+                spec = self._spec(body, chat, request.get(KEY_NAME) or "")
                 if body.get("stop"):
                     raise invalid("stop strings are not supported yet; use stop_token_ids")
             except RouterError as e:  # rejected before the request loop (which counts its own)

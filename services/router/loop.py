@@ -7,15 +7,23 @@
 
 The token log is the source of truth: a token is streamed only after it is in the log,
 and after a replica failure the request is re-prefilled from prompt + logged tokens on a
-healthy replica, so the client sees neither a gap nor a duplicate.
+healthy replica, so the client sees neither a gap nor a duplicate. The registry entry
+also holds the prompt ids and sampling parameters (JSON, never pickle), so another router
+can continue a request whose router died (`continue_request`, used by Resume).
+
+A failed or slow drafter does not fail the request: it continues as plain decoding (an
+empty draft; counted in `dspark:spec_decode_fallback_total`) and, for drafters that read
+only token ids, a replacement drafter is attached in the background when one answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -24,6 +32,7 @@ import ray.exceptions
 from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
 from dspark.spec.proposer import Draft
+from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
 from services.metrics import FleetMetrics
 from services.router.errors import RouterError
@@ -34,12 +43,14 @@ from services.state.redis_state import (
     RequestStatus,
     StateConflict,
     StateUnavailable,
+    UnknownRequest,
 )
 from services.workers.messages import ProposeCall, StateLost, VerifyCall, VerifyReply, WorkerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_RECOVERIES = 5  # failovers one request survives before it fails
+DRAFTER_RETRY_S = 2.0  # in fallback, how often to try attaching a drafter again
 # A replica died, restarted (its state is gone) or a KV hand-off broke: re-prefill elsewhere.
 RECOVERABLE = (ray.exceptions.RayActorError, StateLost, PeerLost, TransferFailed, TimeoutError,
                ConnectionError)
@@ -78,13 +89,20 @@ class _Job:
     avoid: set[str] = dataclasses.field(default_factory=set)
     num_forwards: int = 0
     finish_reason: str | None = None
+    drafter_retry_at: float = 0.0  # fallback: monotonic time of the next attach attempt
+    attach: asyncio.Task | None = None  # background attach of a replacement drafter
 
 
 class Router:
     def __init__(self, cfg: FleetConfig, state: FleetState, pools: WorkerPools, tokenizer: Tokenizer,
-                 metrics: FleetMetrics) -> None:
+                 metrics: FleetMetrics, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.cfg, self.state, self.pools, self.tokenizer, self.metrics = cfg, state, pools, tokenizer, metrics
-        self.in_flight = 0
+        self.eos_token_ids = tuple(eos_token_ids)  # the target's, to tell a finished log
+        self.router_id = uuid.uuid4().hex[:12]  # names this instance in Redis (liveness, ownership)
+        self.in_flight = self.waiting = 0
+        self._room = asyncio.Condition()  # notified whenever a request ends
+        self.num_takeovers = 0  # requests continued here after their router died
+        self._background: set[asyncio.Task] = set()
 
     # -- helpers -----------------------------------------------------------------------------
     async def _redis(self, fn: Callable[..., T], *args: Any) -> T:
@@ -96,38 +114,110 @@ class Router:
     async def _call(self, name: str, method: str, *args: Any) -> Any:
         return await getattr(self.pools.handle(name), method).remote(*args)
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quietly(self, name: str, method: str, request_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._call(name, method, request_id), 10)
+        except Exception as e:  # a dead replica's state died with it
+            log.info("%s(%s) on %s: %s", method, request_id, name, e)
+
     # -- one request ---------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
-        if self.in_flight >= self.cfg.max_in_flight:
-            self.metrics.observe_error("RESOURCE_EXHAUSTED")
-            raise RouterError("RESOURCE_EXHAUSTED", f"{self.in_flight} requests in flight; retry later")
+        async for event in self._counted(self._generate(spec)):
+            yield event
+
+    async def continue_request(self, record: Any, committed: list[int]) -> AsyncIterator[StepEvent]:
+        """Continue a request whose router died (this router has claimed it): free whatever
+        the dead router's replicas still hold, re-prefill prompt + `committed` (the log) on
+        healthy replicas and generate the rest. Events start at offset len(committed)."""
+        meta = record.meta
+        if "prompt_ids" not in meta or "params" not in meta:
+            raise RouterError("NOT_FOUND", f"request {record.request_id} cannot be continued")
+        p = json.loads(meta["params"])
+        p["stop_token_ids"] = tuple(p.get("stop_token_ids") or ())
+        spec = RequestSpec(record.request_id, json.loads(meta["prompt_ids"]), SamplingParams(**p),
+                           meta.get("owner", ""))
+        self.num_takeovers += 1
+        names = self.pools.names
+        await asyncio.gather(*(self._quietly(n, "free", spec.request_id) for n in names["target"]),
+                             *(self._quietly(n, "finish", spec.request_id) for n in names["drafter"]))
+        async for event in self._counted(self._drive(_Job(spec, committed=list(committed)), time.perf_counter())):
+            yield event
+
+    def capacity(self) -> int:
+        """Requests generating at once: the configured limit, and never more than the
+        target pool's KV slots (an admission beyond them would fail)."""
+        target = self.cfg.pool("target")
+        return min(self.cfg.max_in_flight, target.max_batch_size * target.replicas)
+
+    async def _counted(self, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
+        """Backpressure: run when there is room, else wait in a bounded queue, else refuse."""
+        if self.in_flight >= self.capacity():
+            if self.waiting >= self.cfg.max_queued:
+                self.metrics.observe_error("RESOURCE_EXHAUSTED")
+                raise RouterError("RESOURCE_EXHAUSTED", f"{self.in_flight} requests in flight and "
+                                  f"{self.waiting} waiting; retry later")
+            self.waiting += 1
+            self.metrics.set_queue(self.in_flight, self.waiting)
+            try:
+                async with self._room:
+                    await self._room.wait_for(lambda: self.in_flight < self.capacity())
+            finally:
+                self.waiting -= 1
         self.in_flight += 1
-        self.metrics.set_queue(self.in_flight, 0)
+        self.metrics.set_queue(self.in_flight, self.waiting)
         try:
-            async for event in self._generate(spec):
+            async for event in events:
                 yield event
         finally:
+            await events.aclose()  # type: ignore[attr-defined]
             self.in_flight -= 1
-            self.metrics.set_queue(self.in_flight, 0)
+            self.metrics.set_queue(self.in_flight, self.waiting)
+            async with self._room:
+                self._room.notify()
+
+    def _meta(self, spec: RequestSpec) -> dict[str, Any]:
+        """Registry metadata: enough for any router to continue the request (JSON only)."""
+        params = dataclasses.asdict(spec.params)
+        params["stop_token_ids"] = list(params["stop_token_ids"])
+        return {"prompt_tokens": len(spec.prompt_ids), "model": self.cfg.model, "router": self.router_id,
+                "owner": spec.owner, "prompt_ids": json.dumps(spec.prompt_ids), "params": json.dumps(params)}
 
     async def _generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
         t0 = time.perf_counter()
         try:
-            await self._redis(self.state.register, spec.request_id,
-                              {"prompt_tokens": len(spec.prompt_ids), "model": self.cfg.model})
+            await self._redis(self.state.register, spec.request_id, self._meta(spec))
         except StateConflict:
-            raise RouterError("ALREADY_EXISTS", f"request {spec.request_id} is already running") from None
-        job, decoder = _Job(spec), self.tokenizer.stream_decoder()
+            raise RouterError("ALREADY_EXISTS", f"request {spec.request_id} already exists") from None
+        async for event in self._drive(_Job(spec), t0):
+            yield event
+
+    async def _drive(self, job: _Job, t0: float) -> AsyncIterator[StepEvent]:
+        """Admission (or re-admission from the log), then speculative steps until done."""
+        spec, decoder = job.spec, self.tokenizer.stream_decoder()
         stamps: list[float] = []
         status, reason = RequestStatus.FAILED, "error"
         try:
-            await self._redis(self.state.set_status, spec.request_id, RequestStatus.PREFILLING)
-            await self._admit(job)
-            await self._redis(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
-            first = job.committed[:]
-            await self._redis(self.state.append_tokens, spec.request_id, 0, first)
-            stamps.append(time.perf_counter())
-            yield self._event(job, 0, first, decoder, StepEvent(spec.request_id, 0, []))
+            if not job.committed:
+                await self._set_prefilling(spec.request_id)
+                await self._admit_until_deadline(job)
+                await self._redis(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
+                first = job.committed[:]
+                await self._redis(self.state.append_tokens, spec.request_id, 0, first)
+                stamps.append(time.perf_counter())
+                yield self._event(job, 0, first, decoder, StepEvent(spec.request_id, 0, []))
+            else:  # continuing from the log: the client already has (or replays) those tokens
+                decoder.push(job.committed)
+                job.finish_reason = self._finished_by_log(job)
+                if job.finish_reason is None:
+                    await self._recover(job)
+                else:
+                    yield self._event(job, len(job.committed), [], decoder,
+                                      StepEvent(spec.request_id, len(job.committed), []))
             while job.finish_reason is None:
                 offset = len(job.committed)
                 reply = await self._step(job)
@@ -146,6 +236,10 @@ class Router:
         except RouterError as e:
             self.metrics.observe_error(e.code)
             raise
+        except UnknownRequest:  # its registry entry vanished: Redis restarted without its data
+            self.metrics.observe_error("UNAVAILABLE")
+            raise RouterError("UNAVAILABLE", f"the state of request {spec.request_id} was lost "
+                              "(state store restarted); retry the request") from None
         except Exception as e:
             log.exception("request %s failed", spec.request_id)
             self.metrics.observe_error("INTERNAL")
@@ -156,6 +250,21 @@ class Router:
             gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             self.metrics.observe_request(stamps[0] - t0 if stamps else None, gaps,
                                          time.perf_counter() - t0, 0.0, reason)
+
+    def _finished_by_log(self, job: _Job) -> str | None:
+        """The engine's stop rule applied to the log (a router may die after logging the
+        last token but before recording the finish)."""
+        p, out = job.spec.params, job.committed
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        if out and out[-1] in stop_ids:
+            return "stop"
+        return "length" if len(out) >= p.max_new_tokens else None
+
+    async def _set_prefilling(self, request_id: str) -> None:
+        try:
+            await self._redis(self.state.set_status, request_id, RequestStatus.PREFILLING)
+        except StateConflict:  # already PREFILLING: a request taken over mid-admission
+            pass
 
     def _event(self, job: _Job, offset: int, tokens: list[int], decoder: Any, ev: StepEvent) -> StepEvent:
         ev.offset, ev.token_ids = offset, list(tokens)
@@ -171,33 +280,37 @@ class Router:
         """Prefill on a prefill replica, KV to a target replica, features to a drafter
         replica. With committed tokens (failover) the prefill covers prompt + committed[:-1]
         and the target resumes with the logged tokens; otherwise the prefill's first token
-        starts the output."""
+        starts the output. A drafter that does not answer leaves the request drafter-less
+        (plain decoding) unless the prefill must stream features to it."""
         spec, committed = job.spec, list(job.committed)
         prefill = self.pools.pick("prefill")
         job.target = self.pools.pick("target", job.avoid)
-        job.drafter = self.pools.pick("drafter", job.avoid)
         self.pools.load[job.target] += 1
-        self.pools.load[job.drafter] += 1
-        pinfo, tinfo, dinfo = await asyncio.gather(
-            self._call(prefill, "info"), self._call(job.target, "info"), self._call(job.drafter, "info"))
-        job.drafter_info = dinfo
-        layers = dinfo.feature_layers
+        pinfo, tinfo = await asyncio.gather(self._call(prefill, "info"), self._call(job.target, "info"))
+        dinfo = await self._drafter_info(job)
+        layers = dinfo.feature_layers if dinfo is not None else ()
         tokens = spec.prompt_ids + committed[:-1]
+        calls = [self._call(prefill, "prefill", spec.request_id, tokens, spec.params, tinfo.peer_id,
+                            dinfo.peer_id if layers else None, layers),
+                 self._call(job.target, "receive", spec.request_id, pinfo.peer_id, spec.prompt_ids,
+                            spec.params, committed or None, layers)]
+        if dinfo is not None:
+            start = self._call(job.drafter, "start", spec.request_id, spec.prompt_ids, spec.params,
+                               pinfo.peer_id if layers else None)
+            # A feature-reading drafter must take the prefill's stream: no timeout of our own.
+            calls.append(start if layers else asyncio.wait_for(start, self.cfg.drafter_timeout_s))
         t0 = time.perf_counter()
         async with self.pools.send_lock(prefill):
             # return_exceptions: every side finishes (or times out) before the lock is freed.
-            results = await asyncio.gather(
-                self._call(prefill, "prefill", spec.request_id, tokens, spec.params, tinfo.peer_id,
-                           dinfo.peer_id if layers else None, layers),
-                self._call(job.target, "receive", spec.request_id, pinfo.peer_id, spec.prompt_ids,
-                           spec.params, committed or None, layers),
-                self._call(job.drafter, "start", spec.request_id, spec.prompt_ids, spec.params,
-                           pinfo.peer_id if layers else None),
-                return_exceptions=True)
-        for r in results:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        for r in results[:2]:
             if isinstance(r, BaseException):
                 raise r
-        pres, job.max_drafts, _ = results
+        if len(results) > 2 and isinstance(results[2], BaseException):
+            if layers or not _recoverable(results[2]):
+                raise results[2]
+            self._drop_drafter(job, results[2])
+        pres, job.max_drafts = results[0], results[1]
         self.metrics.observe_prefill(time.perf_counter() - t0)
         self.metrics.observe_kv_transfer(pres.kv_bytes, pres.transfer_s)
         self.metrics.count_tokens("prefill", len(tokens), 0 if committed else 1)
@@ -205,6 +318,82 @@ class Router:
             job.committed = [pres.first_token]
             job.finish_reason = pres.finish_reason
 
+    async def _admit_until_deadline(self, job: _Job) -> None:
+        """`_admit`, retried while replicas die or restart (e.g. a prefill replica killed
+        mid-transfer), until `recovery_timeout_s`."""
+        deadline = time.monotonic() + self.cfg.recovery_timeout_s
+        while True:
+            try:
+                await self._admit(job)
+                return
+            except Exception as e:
+                if not _recoverable(e) or time.monotonic() > deadline:
+                    raise
+                log.info("request %s: admission failed (%s: %s); retrying", job.spec.request_id,
+                         type(e).__name__, e)
+            await self._release_workers(job)
+            await asyncio.sleep(0.5)
+
+    # -- the drafter: optional, by design ------------------------------------------------------
+    async def _drafter_info(self, job: _Job) -> WorkerInfo | None:
+        job.drafter = self.pools.pick("drafter", job.avoid)
+        self.pools.load[job.drafter] += 1
+        try:
+            job.drafter_info = await asyncio.wait_for(self._call(job.drafter, "info"), self.cfg.drafter_timeout_s)
+        except Exception as e:
+            if not _recoverable(e):
+                raise
+            self._drop_drafter(job, e)
+            return None
+        return job.drafter_info
+
+    def _drop_drafter(self, job: _Job, error: BaseException) -> None:
+        """Continue without a drafter (plain decoding); its state is freed in the background
+        so a dead replica cannot stall the request."""
+        log.warning("request %s: drafter %s failed (%s: %s); continuing without drafts",
+                    job.spec.request_id, job.drafter, type(error).__name__, error)
+        if job.drafter:
+            self.pools.load[job.drafter] -= 1
+            job.avoid = {job.drafter}
+            self._spawn(self._quietly(job.drafter, "finish", job.spec.request_id))
+        job.drafter, job.features = "", None
+        job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
+
+    def _maybe_attach_drafter(self, job: _Job) -> None:
+        """In fallback, try a drafter again now and then. Only drafters that read token ids
+        alone can join mid-request; one that reads target features would need the whole
+        context's features (a re-prefill) and stays off for this request."""
+        if job.drafter or job.attach is not None or time.monotonic() < job.drafter_retry_at:
+            return
+        if job.drafter_info is not None and job.drafter_info.feature_layers:
+            return
+        job.attach = asyncio.ensure_future(self._attach_drafter(job))
+
+    async def _attach_drafter(self, job: _Job) -> None:
+        name = self.pools.pick("drafter", job.avoid)
+        spec, started = job.spec, False
+        try:
+            info = await asyncio.wait_for(self._call(name, "info"), self.cfg.drafter_timeout_s)
+            if not info.feature_layers:
+                started = True
+                await asyncio.wait_for(self._call(name, "start", spec.request_id, spec.prompt_ids, spec.params,
+                                                  None), self.cfg.drafter_timeout_s)
+                job.drafter, job.drafter_info, job.avoid = name, info, set()
+                self.pools.load[name] += 1
+                log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
+            else:
+                job.drafter_info = info  # stays in fallback: see _maybe_attach_drafter
+        except asyncio.CancelledError:
+            if started:
+                self._spawn(self._quietly(name, "finish", spec.request_id))
+            raise
+        except Exception as e:
+            log.info("request %s: drafter %s still unavailable: %s", spec.request_id, name, e)
+            job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
+        finally:
+            job.attach = None
+
+    # -- steps and failover ----------------------------------------------------------------------
     async def _step(self, job: _Job) -> VerifyReply:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -217,24 +406,38 @@ class Router:
             await self._recover(job)
         raise AssertionError("unreachable")
 
+    async def _propose(self, job: _Job) -> Draft:
+        """The drafter's proposal, or an empty draft (plain decoding) when there is none."""
+        speculating = self.cfg.method != "ar" and self.cfg.block_size > 0
+        if not job.drafter and speculating:
+            self._maybe_attach_drafter(job)
+        info = job.drafter_info
+        if job.drafter and info is not None and info.has_proposer and job.max_drafts > 0:
+            try:
+                draft = await asyncio.wait_for(self._call(job.drafter, "propose", ProposeCall(
+                    job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts, job.features)),
+                    self.cfg.drafter_timeout_s)
+                job.features = None
+                return draft
+            except Exception as e:
+                if not _recoverable(e):
+                    raise
+                self._drop_drafter(job, e)
+        if not job.drafter and speculating:
+            self.metrics.observe_fallback(1)
+        return Draft([])
+
     async def _draft_and_verify(self, job: _Job) -> VerifyReply:
         t0 = time.perf_counter()
-        draft = Draft([])
-        if job.drafter_info is not None and job.drafter_info.has_proposer and job.max_drafts > 0:
-            try:
-                draft = await self._call(job.drafter, "propose", ProposeCall(
-                    job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts, job.features))
-            except Exception:
-                job.avoid = {job.drafter}
-                raise
-            job.features = None
+        draft = await self._propose(job)
         t1 = time.perf_counter()
         try:
             reply: VerifyReply = await self._call(job.target, "verify", VerifyCall(job.spec.request_id, draft))
         except Exception:
             job.avoid = {job.target}
             raise
-        job.max_drafts, job.features = reply.max_drafts, reply.features
+        job.max_drafts = reply.max_drafts
+        job.features = reply.features if job.drafter else None
         self.metrics.observe_step({
             "drafted": reply.drafted, "accepted": reply.accepted,
             "accepted_per_position": [1] * reply.accepted + [0] * (reply.drafted - reply.accepted),
@@ -244,33 +447,24 @@ class Router:
         return reply
 
     async def _recover(self, job: _Job) -> None:
-        deadline = time.monotonic() + self.cfg.recovery_timeout_s
         await self._release_workers(job)
         # The log, not local memory, says what the client has been sent.
         job.committed = await self._redis(self.state.read_tokens, job.spec.request_id)
         job.features = None
-        await self._redis(self.state.set_status, job.spec.request_id, RequestStatus.PREFILLING)
-        while True:
-            try:
-                await self._admit(job)
-                break
-            except Exception as e:
-                if not _recoverable(e) or time.monotonic() > deadline:
-                    raise
-                log.info("request %s: re-prefill failed (%s); retrying", job.spec.request_id, e)
-                await asyncio.sleep(0.5)
+        await self._set_prefilling(job.spec.request_id)
+        await self._admit_until_deadline(job)
         await self._redis(self.state.set_status, job.spec.request_id, RequestStatus.RUNNING)
 
     # -- release -------------------------------------------------------------------------------
     async def _release_workers(self, job: _Job) -> None:
+        if job.attach is not None:
+            job.attach.cancel()
+            job.attach = None
         for name, method in ((job.target, "free"), (job.drafter, "finish")):
             if not name:
                 continue
             self.pools.load[name] -= 1
-            try:
-                await asyncio.wait_for(self._call(name, method, job.spec.request_id), 10)
-            except Exception as e:  # a dead replica's state died with it
-                log.info("freeing %s on %s: %s", job.spec.request_id, name, e)
+            await self._quietly(name, method, job.spec.request_id)
         job.target = job.drafter = ""
 
     async def _release(self, job: _Job, status: RequestStatus, reason: str) -> None:

@@ -20,6 +20,7 @@ class RequestSpec:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    owner: str = ""  # API key name that sent it: only that key may Resume it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def make_spec(limits: Limits, prompt_ids: list[int], *, model: str = "", method:
               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
               seed: int | None = None, max_new_tokens: int | None = None,
               stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
-              request_id: str = "") -> RequestSpec:
+              request_id: str = "", owner: str = "") -> RequestSpec:
     if model and model != limits.model:
         raise RouterError("NOT_FOUND", f"model {model!r} is not served here (serving {limits.model!r})")
     if method and method != limits.method:
@@ -82,4 +83,4 @@ def make_spec(limits: Limits, prompt_ids: list[int], *, model: str = "", method:
             seed=seed, max_new_tokens=n, stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos)
     except (UserError, TypeError, ValueError) as e:
         raise invalid(str(e)) from None
-    return RequestSpec(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+    return RequestSpec(request_id or uuid.uuid4().hex, list(prompt_ids), params, owner or "")

@@ -30,6 +30,9 @@ CODES = frozenset(HTTP_STATUS)
 
 ROLES = frozenset({"system", "user", "assistant"})
 INT32_MAX = 2**31 - 1
+# Below this, logits / temperature overflows float32 to inf and sampling turns to NaN (found
+# by fuzzing the real fleet with temperature=1e-45); 0 means greedy.
+MIN_TEMPERATURE = 1e-3
 UINT64_MAX = 2**64 - 1
 
 
@@ -118,6 +121,8 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits,
         stop_token_ids=_ids(raw.get("stop_token_ids"), "stop_token_ids", limits, limits.max_stop_token_ids,
                             allow_empty=True),
         num_prompt_tokens=len(token_ids) if token_ids is not None else None)
+    if 0 < req.temperature < MIN_TEMPERATURE:
+        raise invalid(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {req.temperature!r}")
     if limits.models and req.model and req.model not in limits.models:
         raise RequestError("NOT_FOUND", f"model {req.model!r} is not served here")
     if limits.methods and req.method and req.method not in limits.methods:

@@ -6,6 +6,7 @@ Key layout (all under a configurable namespace `ns`, every key with a TTL):
     {ns}:tok:{id}      list   committed output token ids, index == output offset
     {ns}:active        zset   ids of non-terminal requests, scored by created_at
     {ns}:rdv:{pair}    string JSON rendezvous record of a KV-transport pair
+    {ns}:router:{id}   string liveness of a router instance (short TTL, refreshed by it)
 
 Invariants: the token list only grows by appends whose offset equals its current length
 (checked inside Redis by a Lua script, so concurrent or retried appends can neither
@@ -208,6 +209,32 @@ class FleetState:
             pipe.delete(self._key("req", request_id), self._key("tok", request_id))
             pipe.zrem(self._key("active"), request_id)
             pipe.execute()
+
+    # -- router liveness and request ownership ----------------------------------------------
+    def heartbeat(self, router_id: str, ttl_s: float) -> None:
+        """Mark router `router_id` alive for `ttl_s` (it refreshes well before expiry)."""
+        with self._guard():
+            self.client.set(self._key("router", router_id), "1", px=int(ttl_s * 1000))
+
+    def router_alive(self, router_id: str) -> bool:
+        with self._guard():
+            return bool(router_id) and bool(self.client.exists(self._key("router", router_id)))
+
+    def claim(self, request_id: str, from_router: str, to_router: str) -> bool:
+        """Move a request's `router` field from `from_router` to `to_router`, atomically
+        (WATCH/MULTI): of several routers taking over one orphan, exactly one wins."""
+        key = self._key("req", request_id)
+        with self._guard(), self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if (pipe.hget(key, "m:router") or "") != from_router or not pipe.exists(key):
+                    return False
+                pipe.multi()
+                pipe.hset(key, "m:router", to_router)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
 
     # -- token log -----------------------------------------------------------------------
     def append_tokens(self, request_id: str, offset: int, token_ids: Sequence[int]) -> int:

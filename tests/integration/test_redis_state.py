@@ -150,3 +150,16 @@ def test_server_dies_mid_session() -> None:
         with pytest.raises(StateUnavailable):
             state.append_tokens("r", 0, [1])
         state.close()
+
+
+def test_router_liveness_and_claim(state: FleetState) -> None:
+    state.heartbeat("r1", ttl_s=0.3)
+    assert state.router_alive("r1") and not state.router_alive("r2") and not state.router_alive("")
+    time.sleep(0.5)
+    assert not state.router_alive("r1")  # a dead router's key expires
+    state.register("q", {"router": "r1"})
+    assert not state.claim("q", "r0", "r2")  # wrong current owner: no change
+    assert state.claim("q", "r1", "r2")  # exactly one of several claimers wins
+    assert not state.claim("q", "r1", "r3")
+    assert state.get("q").meta["router"] == "r2"
+    assert not state.claim("missing", "", "r2")

@@ -20,7 +20,10 @@ def fleet() -> Iterator[object]:
     from services.config import load_config
     from services.launcher import LocalFleet
 
-    cfg = load_config("deploy/serve/fleet.yaml", max_in_flight=16, recovery_timeout_s=90)
+    # 16 generating (the target's KV slots), 32 more may queue (the load test's 32 streams);
+    # a small default length keeps fuzzed requests that name none short on this CPU.
+    cfg = load_config("deploy/serve/fleet.yaml", max_in_flight=16, max_queued=32, default_max_new_tokens=16,
+                      recovery_timeout_s=90)
     with LocalFleet(cfg, metrics_port=0) as f:
         yield f
 

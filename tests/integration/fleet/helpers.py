@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -55,3 +56,23 @@ def free_slots(fleet: Any, deployment: str = "TargetWorker") -> int:
     from ray import serve
 
     return serve.get_deployment_handle(deployment, fleet.cfg.app_name).num_free_slots.remote().result()
+
+
+def chain(first: Any, rest: Any) -> Any:
+    yield from first
+    yield from rest
+
+
+def wait_free(fleet: Any, expected: int | None = None, timeout_s: float = 30) -> None:
+    """Every KV slot back (cancellation and failover free state on the workers)."""
+    expected = expected or fleet.cfg.pool("target").max_batch_size
+    deadline = time.monotonic() + timeout_s
+    while free_slots(fleet) != expected:
+        assert time.monotonic() < deadline, f"{free_slots(fleet)} of {expected} KV slots free"
+        time.sleep(0.2)
+
+
+def fallback_steps(fleet: Any) -> float:
+    """dspark:spec_decode_fallback_total of the router (all label sets)."""
+    return sum(s.value for m in fleet.metrics.registry.collect() for s in m.samples
+               if s.name == "dspark:spec_decode_fallback_total")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import grpc
 import pytest
@@ -13,12 +12,14 @@ import ray
 
 from tests.integration.fleet.conftest import MAX_NEW, PROMPTS
 from tests.integration.fleet.helpers import (
+    chain,
     collect,
     free_slots,
     http_post,
     replica_actor,
     request,
     stub,
+    wait_free,
 )
 
 pytestmark = pytest.mark.integration
@@ -83,7 +84,7 @@ def test_invalid_requests(fleet):
 def test_backpressure(fleet):
     router = fleet.server.router
     saved = router.cfg
-    router.cfg = saved.model_copy(update={"max_in_flight": 1})
+    router.cfg = saved.model_copy(update={"max_in_flight": 1, "max_queued": 0})
     try:
         s = stub(fleet)
         stream = s.Generate(request(PROMPTS[1], 64), timeout=300)
@@ -96,7 +97,7 @@ def test_backpressure(fleet):
         stream.cancel()
     finally:
         router.cfg = saved
-    _wait_free(fleet)
+    wait_free(fleet)
 
 
 def test_cancel_frees_kv(fleet):
@@ -106,7 +107,7 @@ def test_cancel_frees_kv(fleet):
     next(stream)
     assert free_slots(fleet) == full - 1
     stream.cancel()
-    _wait_free(fleet, full)
+    wait_free(fleet, full)
 
 
 @pytest.mark.parametrize("deployment", ["DrafterWorker", "TargetWorker"])
@@ -115,9 +116,9 @@ def test_replica_killed_mid_stream(fleet, reference, deployment):
     stream = stub(fleet).Generate(request(prompt, MAX_NEW), timeout=300)
     first = next(stream)
     ray.kill(replica_actor(deployment), no_restart=True)  # Serve replaces it; state is gone
-    ids, _ = collect(_chain([first], stream))
+    ids, _ = collect(chain([first], stream))
     assert ids == reference[prompt]
-    _wait_free(fleet)
+    wait_free(fleet)
 
 
 def test_redis_down_is_unavailable(fleet):
@@ -129,22 +130,8 @@ def test_redis_down_is_unavailable(fleet):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         status, _ = http_post(fleet, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
         assert status == 503
-        _wait_free(fleet)
+        wait_free(fleet)
     finally:
         from services.state.server import RedisServer
 
         fleet.redis = RedisServer(port=port).start()
-
-
-def _chain(first, rest):
-    yield from first
-    yield from rest
-
-
-def _wait_free(fleet, expected: int | None = None, timeout_s: float = 30) -> None:
-    """Every KV slot back (cancellation and failover free state on the workers)."""
-    expected = expected or fleet.cfg.pool("target").max_batch_size
-    deadline = time.monotonic() + timeout_s
-    while free_slots(fleet) != expected:
-        assert time.monotonic() < deadline, f"{free_slots(fleet)} of {expected} KV slots free"
-        time.sleep(0.2)

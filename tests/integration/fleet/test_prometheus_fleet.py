@@ -112,7 +112,7 @@ def load_run(fleet: Any) -> Iterator[tuple[PrometheusServer, Load]]:
                 load.round(STREAMS)
                 time.sleep(2.5 * SCRAPE_S)
             load.invalid()
-            prom.wait_for_data(f'sum(rate(dspark:request_errors_total{{code="INVALID_ARGUMENT"}}[5m])) > 0')
+            prom.wait_for_data('sum(rate(dspark:request_errors_total{code="INVALID_ARGUMENT"}[5m])) > 0')
             yield prom, load
 
 

@@ -82,3 +82,21 @@ def test_sample_respects_zero_probabilities() -> None:
     probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]).repeat(200, 1)
     tokens = sample(probs, make_generator(0)).view(200, 2)
     assert (tokens[:, 0] == 1).all() and (tokens[:, 1] != 1).all()
+
+
+def test_extreme_temperatures_never_produce_nan() -> None:
+    logits = torch.tensor([[3.0, 1.0, -2.0, 3.0 - 1e-6]])
+    for t in (1e-30, 1e-12, 1e-6, 1e6, 1e30):
+        p = probs_from_logits(logits, SamplingParams(temperature=t, top_p=0.9, top_k=3))
+        assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-5
+        sample(p, torch.Generator().manual_seed(0))  # multinomial accepts it
+
+
+def test_non_finite_sampling_parameters_are_rejected() -> None:
+    import pytest
+
+    from dspark.errors import UserError
+
+    for kw in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"top_p": float("nan")}):
+        with pytest.raises(UserError):
+            SamplingParams(**kw)
