@@ -26,8 +26,9 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus npm >/dev/null)
 	@test -x tools/helm || scripts/install-helm.sh tools
 
+# Ray stays on loopback (TOOLING.md); the suite must never send traffic elsewhere.
 test: $(STAMP) system-deps
-	$(VENV)/bin/pytest -q -ra
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q -ra
 
 serve: $(STAMP) system-deps
 	$(VENV)/bin/dspark serve

@@ -11,25 +11,20 @@ import os
 import threading
 import time
 
-import ray
-from ray import serve
+from services.ray_env import LOOPBACK, ray_env
 
-from services.app import INGRESS, build_fleet
-from services.config import FleetConfig
-from services.metrics import FleetMetrics
-from services.router.server import RouterServer
-from services.state.redis_state import FleetState, StateConfig
-from services.state.server import RedisServer
+ray_env()  # must precede `import ray` (see services/ray_env.py)
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
+from services.app import INGRESS, build_fleet  # noqa: E402
+from services.config import FleetConfig  # noqa: E402
+from services.metrics import FleetMetrics  # noqa: E402
+from services.router.server import RouterServer  # noqa: E402
+from services.state.redis_state import FleetState, StateConfig  # noqa: E402
+from services.state.server import RedisServer  # noqa: E402
+
 OBJECT_STORE_BYTES = 512 * 2**20
-
-
-def ray_env() -> None:
-    # Without these Ray binds the machine's network interface; the fleet stays on loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class LocalFleet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -10,6 +11,12 @@ import pytest
 
 if TYPE_CHECKING:
     from services.state.server import RedisServer
+
+# Ray reads these when it is imported: set them before any test module imports ray, so every
+# Ray process binds 127.0.0.1 (TOOLING.md) and no test traffic leaves loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,9 +1,13 @@
-"""Stream one generation from a running fleet over gRPC."""
+"""Stream one generation from a running fleet over gRPC.
+
+`--api-key` (or env DSPARK_API_KEY) is sent as metadata `authorization: Bearer <key>`;
+`--ca-file` (or `--tls`, trusting the system roots) connects over TLS."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dspark.errors import UserError
@@ -20,6 +24,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing streamed")
+    p.add_argument("--api-key", default=None, help="API key (default: env DSPARK_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (system CA roots)")
+    p.add_argument("--ca-file", default=None, help="connect over TLS trusting this PEM CA")
+
+
+def open_channel(args: argparse.Namespace):  # -> grpc.Channel
+    import grpc
+
+    if args.tls or args.ca_file:
+        from services.security.tls import grpc_channel_credentials
+
+        return grpc.secure_channel(args.target, grpc_channel_credentials(args.ca_file))
+    return grpc.insecure_channel(args.target)
+
+
+def auth_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    key = args.api_key or os.environ.get("DSPARK_API_KEY")
+    return (("authorization", f"Bearer {key}"),) if key else None
 
 
 def build_request(args: argparse.Namespace):  # -> generation_pb2.GenerateRequest
@@ -42,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from dspark.v1 import generation_pb2_grpc as pb_grpc
 
     text, ids, last = [], [], None
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
-            for msg in stub.Generate(build_request(args), timeout=args.timeout):
+            for msg in stub.Generate(build_request(args), timeout=args.timeout, metadata=auth_metadata(args)):
                 if msg.offset != len(ids):
                     raise UserError(f"stream gap or duplicate at offset {msg.offset} (have {len(ids)})")
                 ids += msg.token_ids

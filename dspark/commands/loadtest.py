@@ -302,7 +302,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=8, help="concurrent streams")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to keep sending")
     p.add_argument("--max-requests", type=int, default=100, help="stop after this many requests")
-    p.add_argument("--prompt", default="Write a short story about a lighthouse.")
+    # Raw text (not chat): an instruction would make an instruct model end its turn at once.
+    p.add_argument("--prompt", default="Once upon a time, a lighthouse keeper")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--api-key", default=None, help="sent as `authorization: Bearer <key>`")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, seconds")

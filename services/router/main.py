@@ -15,7 +15,7 @@ import asyncio
 import signal
 import sys
 
-from services.launcher import LOOPBACK, ray_env
+from services.ray_env import LOOPBACK, ray_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=0)
     args = p.parse_args(argv)
 
+    ray_env()  # before `import ray`
     import ray
 
     from services.config import FleetConfig, load_config
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = FleetConfig.model_validate_json(args.config_json) if args.config_json else load_config(args.config)
     cfg = cfg.model_copy(update={"redis_url": args.redis_url})
-    ray_env()
     ray.init(address=args.ray_address, namespace="dspark", _node_ip_address=args.node_ip,
              logging_level="WARNING", log_to_driver=False)
     state = FleetState.from_url(args.redis_url, StateConfig(namespace=cfg.redis_namespace))

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import transformers
 
 from dspark.models.loader import LoadedModel, load_model
-from dspark.paths import cache_dir
 from dspark.models.registry import get_spec
+from dspark.paths import cache_dir
 from tests.unit.models.helpers import forward_logits, greedy_decode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

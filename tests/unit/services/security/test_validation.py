@@ -64,6 +64,7 @@ def test_token_ids_and_counter_check_context() -> None:
     ({"text": "a", "temperature": -0.1}, "temperature"),
     ({"text": "a", "temperature": float("nan")}, "temperature"),
     ({"text": "a", "temperature": float("inf")}, "temperature"),
+    ({"text": "a", "temperature": 1e-45}, "temperature"),  # overflows logits / T to inf
     ({"text": "a", "temperature": "hot"}, "number"),
     ({"text": "a", "temperature": True}, "number"),
     ({"text": "a", "temperature": 10**400}, "out of range"),
