@@ -49,24 +49,34 @@ def _to_result(p: Prompt, out: RequestOutput) -> PromptResult:
 
 def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
                params: SamplingParams, concurrency: int, bar: tqdm | None = None) -> RunResult:
-    """Requests of a category arrive continuously: all are queued and the engine keeps
-    `concurrency` in flight (its batch size), admitting the next as one finishes."""
+    """Requests arrive continuously: all are queued and the engine keeps `concurrency` in
+    flight (its batch size), admitting the next as one finishes. At concurrency 1 the
+    categories run one after another (a clean wall clock each); above it every prompt is in
+    the same pool, and a category's wall clock spans its first admission to its last finish."""
+    if concurrency > engine.config.max_batch_size:
+        raise ValueError(f"concurrency {concurrency} exceeds the engine's batch size "
+                         f"{engine.config.max_batch_size}")
     results: list[PromptResult] = []
     walls: dict[str, float] = {}
     steps: list[StepStats] = []
-    for category, group in _by_category(prompts):
+    groups = _by_category(prompts) if concurrency == 1 else [("*", list(prompts))]
+    for category, group in groups:
         t0 = time.perf_counter()
         ids = [engine.add_request(encode(p), _seeded(params, i)) for i, p in enumerate(group)]
-        in_flight = engine.config.max_batch_size
-        if concurrency > in_flight:
-            raise ValueError(f"concurrency {concurrency} exceeds the engine's batch size {in_flight}")
         while engine.has_work:
             stats = engine.step()
             steps.append(stats)
             if bar is not None:
                 bar.update(stats.emitted + stats.num_prefill)
-        walls[category] = time.perf_counter() - t0
-        results += [_to_result(p, engine.pop_finished(i)) for p, i in zip(group, ids)]
+        outs = [engine.pop_finished(i) for i in ids]
+        results += [_to_result(p, o) for p, o in zip(group, outs)]
+        if category != "*":
+            walls[category] = time.perf_counter() - t0
+            continue
+        for cat, _ in _by_category(group):
+            mine = [o for p, o in zip(group, outs) if p.category == cat]
+            walls[cat] = max(o.finish_time for o in mine) - min(o.admit_time for o in mine)
+        walls["*"] = time.perf_counter() - t0
     return RunResult(key, concurrency, results, walls, steps)
 
 
@@ -104,10 +114,10 @@ def _by_category(prompts: Iterable[Prompt]) -> list[tuple[str, list[Prompt]]]:
 def summarize(run: RunResult, ar: RunResult | None, greedy: bool) -> dict[str, object]:
     """Per category and overall: the fields `results.json` promises."""
     out: dict[str, object] = {"concurrency": run.concurrency}
-    cats = sorted(run.wall_by_category)
+    cats = sorted(c for c in run.wall_by_category if c != "*")
     for cat in cats + ["overall"]:
         rows = [r for r in run.prompts if cat == "overall" or r.category == cat]
-        wall = sum(run.wall_by_category.values()) if cat == "overall" else run.wall_by_category[cat]
+        wall = _overall_wall(run) if cat == "overall" else run.wall_by_category[cat]
         ar_rows = None if ar is None else [r for r in ar.prompts if cat == "overall" or r.category == cat]
         out[cat] = _stats(rows, wall, ar_rows, ar, cat, greedy)
     if run.steps:
@@ -125,7 +135,7 @@ def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | 
     reached = _sum_lists([r.reached_per_position for r in rows])
     speedup = None
     if ar is not None and ar_rows is not None:
-        ar_wall = sum(ar.wall_by_category.values()) if cat == "overall" else ar.wall_by_category[cat]
+        ar_wall = _overall_wall(ar) if cat == "overall" else ar.wall_by_category[cat]
         ar_tps = sum(len(r.token_ids) for r in ar_rows) / ar_wall if ar_wall > 0 else 0.0
         speedup = tps / ar_tps if ar_tps > 0 else None
     identical = None
@@ -147,6 +157,11 @@ def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | 
         "drafted_per_position": drafted,
         "identical_to_ar": identical,
     }
+
+
+def _overall_wall(run: RunResult) -> float:
+    walls = run.wall_by_category
+    return walls["*"] if "*" in walls else sum(walls.values())
 
 
 def _step_stats(steps: list[StepStats]) -> dict[str, object]:

@@ -89,7 +89,8 @@ def _plots(levels: dict[str, dict[str, Any]], out_dir: Path) -> None:
         ax.set_ylabel("conditional acceptance")
         ax.set_ylim(0, 1)
         ax.set_title("Per-position conditional acceptance")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "acceptance_per_position.png", dpi=120)
         plt.close(fig)

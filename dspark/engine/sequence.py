@@ -88,6 +88,8 @@ class RequestOutput:
     ttft_s: float
     e2e_s: float
     decode_s: float  # admission to finish: what the user waits once the request is scheduled
+    admit_time: float = 0.0  # perf_counter() at admission and at finish (for aggregating runs)
+    finish_time: float = 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -109,4 +111,5 @@ class RequestOutput:
             reached_per_position=list(seq.reached_per_position),
             ttft_s=(seq.first_token_s or end) - seq.arrival_s, e2e_s=end - seq.arrival_s,
             decode_s=end - (seq.admit_s or seq.arrival_s),
+            admit_time=seq.admit_s or seq.arrival_s, finish_time=end,
         )
