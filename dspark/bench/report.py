@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from dspark.jsonutil import dumps
 
 
 def _fmt(x: object, digits: int = 2) -> str:
@@ -129,4 +130,4 @@ def _concurrency_plots(levels: dict[str, dict[str, Any]], out_dir: Path, plt: An
 
 
 def write_json(results: dict[str, Any], out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(dumps(results, indent=2))

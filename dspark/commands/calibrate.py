@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dspark.commands.eval_drafter import add_arguments as _eval_arguments
+from dspark.jsonutil import dumps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = {"rounds": int(z.shape[0]), "temperatures": full.tolist(), "plot": str(plot),
            "positions": [dataclasses.asdict(r) for r in rows]}
     if args.json:
-        print(json.dumps(out))
+        print(dumps(out))
     else:
         for r in rows:
             print(f"pos {r.position}: T={r.temperature:.3f} ECE {r.ece_before:.4f} -> {r.ece_after:.4f} "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from dspark.commands.common import DTYPES, default_device
+from dspark.jsonutil import dumps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             "tau": round(total.tau, 4), "rounds": len(all_rounds), "by_dataset": rows,
             "conditional_acceptance": [round(a, 4) for a in total.conditional_acceptance(K)]}
     if args.json:
-        print(json.dumps(result))
+        print(dumps(result))
     else:
         for name, r in result["results"].items():
             acc = " ".join(f"{a:.2f}" for a in r["conditional_acceptance"])
