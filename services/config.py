@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dspark.commands.common import DEFAULT_MODEL, EngineSpec
 from dspark.errors import UserError
 from services.security.config import SecurityConfig
 
 POOL_NAMES = ("prefill", "target", "drafter")
+# Proposers built on the target model (they read its tapped features and share its
+# embeddings): their drafter pool must load the target.
+TARGET_READING_METHODS = ("dspark", "dflash")
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
 
 
@@ -75,6 +78,13 @@ class FleetConfig(_Strict):
     pools: dict[Literal["prefill", "target", "drafter"], PoolConfig] = Field(
         default_factory=lambda: {name: _pool(resources={f"pool_{name}": 0.5}) for name in POOL_NAMES},
         description="one pool per role")
+
+    @model_validator(mode="after")
+    def _drafter_loads_target(self) -> FleetConfig:
+        if self.method in TARGET_READING_METHODS and not self.pool("drafter").load_target:
+            raise ValueError(f"method {self.method} drafts from the target's features: set "
+                             "pools.drafter.load_target: true")
+        return self
 
     def pool(self, name: str) -> PoolConfig:
         return self.pools.get(name) or PoolConfig()  # type: ignore[call-overload]
