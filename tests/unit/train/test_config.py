@@ -15,7 +15,8 @@ CONFIGS = Path(dspark.train.__file__).parent / "configs"
 def test_shipped_configs_validate(name: str, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     cfg = TrainConfig.load(CONFIGS / name)
-    assert cfg.data.startswith(str(tmp_path)) and cfg.method in name
+    data = cfg.data if isinstance(cfg.data, list) else [cfg.data]
+    assert all(d.startswith(str(tmp_path)) for d in data) and cfg.method in name
 
 
 def test_unknown_fields_are_rejected(tmp_path) -> None:
