@@ -21,8 +21,11 @@ def make_hf_generate(method: str, model_dir: str, dtype: torch.dtype, max_new_to
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    # Pin every knob a checkpoint's generation_config could otherwise switch on (e.g. Qwen's
+    # repetition penalty): the peers must decode exactly what our engine decodes.
     kwargs: dict[str, object] = dict(max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
-                                     pad_token_id=eos_ids[0] if eos_ids else 0)
+                                     pad_token_id=eos_ids[0] if eos_ids else 0, repetition_penalty=1.0,
+                                     no_repeat_ngram_size=0, min_new_tokens=0)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
