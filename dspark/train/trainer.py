@@ -139,6 +139,7 @@ class Trainer:
                             blocks.supervised.to(dev), self.drafter.cfg.gamma, vocab,
                             ce_only=self.cfg.method == "dflash")
 
+    @torch.enable_grad()  # whatever grad mode the caller's process is in
     def train_step(self) -> dict[str, Any]:
         self.drafter.train()
         sums: dict[str, float] = {}

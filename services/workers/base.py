@@ -13,8 +13,9 @@ from services.config import FleetConfig
 
 def setup_process() -> None:
     # Replicas share few cores; torch's default thread pool oversubscribes them badly.
+    # No global grad switch: the runner already runs under inference_mode, and a global
+    # switch would leak into anything else sharing the process (in-process tests, training).
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    torch.set_grad_enabled(False)
 
 
 def new_peer_id(deployment: str) -> str:
