@@ -26,9 +26,9 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus npm >/dev/null)
 	@test -x tools/helm || scripts/install-helm.sh tools
 
-# Ray stays on loopback (TOOLING.md); the suite must never send traffic elsewhere.
+# tests/conftest.py keeps Ray on loopback (TOOLING.md) before any test imports it.
 test: $(STAMP) system-deps
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra
 
 serve: $(STAMP) system-deps
 	$(VENV)/bin/dspark serve

@@ -11,8 +11,8 @@ import dataclasses
 import torch
 
 from dspark.errors import UserError
+from dspark.models.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -8,7 +8,6 @@ These override the config file's `security:` section."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -63,10 +62,9 @@ def apply_security_flags(cfg: FleetConfig, args: argparse.Namespace) -> FleetCon
 
 
 def run(args: argparse.Namespace) -> int:
-    # Ray reads these at import time: set them before anything imports ray, so every Ray
-    # process binds 127.0.0.1 unless the user attaches to a cluster with RAY_ADDRESS.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from services.ray_env import ray_env
+
+    ray_env()  # before anything imports ray (it reads the loopback switch at import time)
     from services.config import load_config
     from services.launcher import LocalFleet
 

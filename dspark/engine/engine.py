@@ -210,21 +210,18 @@ class Engine:
         for seq in seqs:
             feats = torch.cat(seq.pending_features) if seq.pending_features else None
             seq.pending_features.clear()
-            requests.append(DraftRequest(seq.seq_id, seq.token_ids, self._max_drafts(seq), seq.params,
+            requests.append(DraftRequest(seq.seq_id, seq.token_ids, self.max_drafts(seq), seq.params,
                                          feats, seq.generator))
         return self.proposer.propose(requests)
 
     def max_drafts(self, seq: Sequence) -> int:
         """How many drafts `seq` can use next round (block size, tokens left, KV room)."""
-        return self._max_drafts(seq)
-
-    def _max_drafts(self, seq: Sequence) -> int:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)
         room = self.cache.max_len - self.cache.lengths[seq.slot] - 1
         return max(0, min(self.config.block_size, remaining - 1, room))
 
     def _schedule(self, seqs: list[Sequence], drafts: list[Draft]) -> list[int]:
-        lengths = [min(len(d.tokens), self._max_drafts(s)) for s, d in zip(seqs, drafts)]
+        lengths = [min(len(d.tokens), self.max_drafts(s)) for s, d in zip(seqs, drafts)]
         if self.policy is None:
             return lengths
         confidences = [None if d.confidences is None else d.confidences[:n] for d, n in zip(drafts, lengths)]

@@ -31,6 +31,7 @@ from dspark.models.config import ModelConfig
 from dspark.models.registry import ModelSpec, get_spec, known_models
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.transformer import CausalLM
+from dspark.paths import cache_dir
 
 __all__ = ["LoadedModel", "cache_dir", "known_models", "load_model", "resolve_model_dir"]
 
@@ -48,9 +49,6 @@ class LoadedModel:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_token_ids
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE") or "~/.cache/dspark").expanduser()
 
 
 def _log(msg: str) -> None:

@@ -70,12 +70,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             except RouterError as e:  # rejected before the request loop (which counts its own)
                 self.router.metrics.observe_error(e.code)
                 raise
-            stream = self.router.generate(spec)
-            try:
-                async for ev in stream:
-                    yield to_response(ev)
-            finally:
-                await stream.aclose()
+            async for msg in _relay(self.router.generate(spec)):
+                yield msg
         except RouterError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
@@ -84,12 +80,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         """Stream the token log from `offset`, following it until the request ends; if
         the request's router died, continue generating it here (see services.router.resume)."""
         try:
-            stream = self.continuity.resume(request.request_id, request.offset, current_key_name.get() or "")
-            try:
-                async for ev in stream:
-                    yield to_response(ev)
-            finally:
-                await stream.aclose()
+            async for msg in _relay(self.continuity.resume(request.request_id, request.offset,
+                                                           current_key_name.get() or "")):
+                yield msg
         except RouterError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
@@ -97,3 +90,13 @@ class GenerationService(pb_grpc.GenerationServicer):
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.limits.model, methods=self.methods,
                                                           max_context=self.limits.max_context)])
+
+
+async def _relay(stream: AsyncIterator) -> AsyncIterator[pb.GenerateResponse]:
+    """Router events -> protobuf messages; the event stream is always closed (a cancelled
+    client must still free worker state)."""
+    try:
+        async for ev in stream:
+            yield to_response(ev)
+    finally:
+        await stream.aclose()
