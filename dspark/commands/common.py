@@ -33,6 +33,8 @@ def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None =
     g.add_argument("--drafter-checkpoint", default=None, help="DSpark/DFlash drafter checkpoint dir")
     g.add_argument("--verify-policy", default="fixed", help="fixed | threshold | confidence")
     g.add_argument("--confidence-threshold", type=float, default=0.5)
+    g.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
+                   help="confidence policy: draft every round even when drafting costs more than it returns")
     g.add_argument("--max-batch-size", type=int, default=16)
     g.add_argument("--max-seq-len", type=int, default=2048)
 
@@ -66,6 +68,7 @@ class EngineSpec:
     drafter_checkpoint: str | None = None
     verify_policy: str = "fixed"
     confidence_threshold: float = 0.5
+    draft_gate: bool = True  # confidence policy only: skip drafting while it does not pay (spec/gate.py)
     max_batch_size: int = 16
     max_seq_len: int = 2048
 
@@ -104,7 +107,12 @@ def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine
                           block_size=spec.block_size, verify_policy=spec.verify_policy,
                           confidence_threshold=spec.confidence_threshold)
     policy, sps = make_policy(spec, target)
-    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps)
+    gate = None
+    if spec.verify_policy == "confidence" and spec.draft_gate and sps is not None:
+        from dspark.spec.gate import DraftGate
+
+        gate = DraftGate(sps)
+    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps, gate=gate)
     return target, engine, method
 
 

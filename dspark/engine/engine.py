@@ -23,6 +23,7 @@ from dspark.engine.sequence import FinishReason, RequestOutput, Sequence, Stream
 from dspark.errors import UserError
 from dspark.models.runner import ModelRunner, SeqInput
 from dspark.models.transformer import CausalLM
+from dspark.spec.gate import DraftGate
 from dspark.spec.proposer import Draft, DraftRequest, Proposer
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
 from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
@@ -48,6 +49,7 @@ class StepStats:
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
     verify_tokens: int = 0  # target tokens in the verification forward (anchors + drafts)
+    proposed: bool = False  # the proposer ran this step (False: no proposer, or gated off)
     prefill_s: float = 0.0
     propose_s: float = 0.0
     verify_s: float = 0.0
@@ -58,7 +60,7 @@ class Engine:
     def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
                  policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None,
-                 feature_layers: tuple[int, ...] | None = None) -> None:
+                 feature_layers: tuple[int, ...] | None = None, gate: DraftGate | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
         max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
@@ -67,6 +69,7 @@ class Engine:
         self.proposer = proposer
         self.policy = policy  # None = verify every draft (the `fixed` policy)
         self.sps = sps  # measured steps/s by verification batch size, for the confidence policy
+        self.gate = gate  # None = draft every round
         self.eos_token_ids = tuple(eos_token_ids)
         # Target layers to tap. A fleet target worker has no local proposer but taps for the
         # remote drafter, so the layers can be given explicitly.
@@ -172,9 +175,16 @@ class Engine:
 
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
         t0 = time.perf_counter()
-        drafts = self._propose(seqs)
+        gated = self.gate is not None and self.proposer is not None
+        if gated and not self.gate.should_draft():
+            drafts = [Draft([]) for _ in seqs]  # a plain target step; features keep pending
+        else:
+            drafts = self._propose(seqs)
+            stats.proposed = True
         stats.propose_s = time.perf_counter() - t0
         self.verify_round(seqs, drafts, stats)
+        if gated and stats.proposed:
+            self.gate.observe(len(seqs), stats.emitted, stats.propose_s, stats.verify_tokens)
 
     def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> None:
         """The verify-and-commit half of a round, for drafts made anywhere (the local

@@ -79,3 +79,24 @@ def test_registered_factories_load_a_checkpoint(tmp_path) -> None:
     prop.start(0, [])
     (draft,) = prop.propose([DraftRequest(0, ids[:10].tolist(), 7, SamplingParams(), new_features=feats[:9])])
     assert len(draft.tokens) == 3 and draft.confidences is None
+
+
+def test_gated_rounds_hand_their_features_to_the_next_drafted_round() -> None:
+    """With the draft gate skipping rounds, features of the skipped positions reach the
+    drafter at the next probe (the proposer raises if its context falls behind), and greedy
+    output stays identical to AR."""
+    from dspark.engine.engine import Engine, EngineConfig
+    from dspark.spec.gate import DraftGate
+    from dspark.spec.sampling import SamplingParams
+    from dspark.spec.scheduler import StepCostProfile
+
+    target = tiny_target()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    params = SamplingParams(max_new_tokens=20)
+    ar = Engine(target, (), None, EngineConfig(max_batch_size=3, max_seq_len=64)).generate(prompts, params)
+    proposer = DrafterProposer(tiny_drafter(target), "dspark")
+    # Verification cost explodes with B: drafting never pays, so most rounds are gated off.
+    gate = DraftGate(StepCostProfile.from_points({1: 100.0, 3: 100.0, 16: 1.0}), max_skip=3)
+    eng = Engine(target, (), proposer, EngineConfig(max_batch_size=3, max_seq_len=64, block_size=4), gate=gate)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in ar]
+    assert gate.drafted_rounds >= 3 and gate.skipped_rounds >= gate.drafted_rounds

@@ -15,6 +15,7 @@ import torch
 
 from dspark.engine.engine import Engine, EngineConfig
 from dspark.models.runner import ModelRunner, SeqInput
+from dspark.spec.gate import DraftGate
 from dspark.spec.proposer import Draft, DraftRequest
 from dspark.spec.sampling import SamplingParams, probs_from_logits
 from dspark.spec.scheduler import StepCostProfile, create_policy
@@ -70,10 +71,13 @@ def exact_joint(params: SamplingParams) -> torch.Tensor:
 
 
 def sampled_joint(policy_name: str, params: SamplingParams, n: int) -> torch.Tensor:
+    gated = policy_name.endswith("+gate")
+    policy_name = policy_name.removesuffix("+gate")
     policy = None if policy_name == "fixed" else create_policy(policy_name, **(
         {"threshold": 0.5} if policy_name == "threshold" else {}))
+    gate = DraftGate(SPS, max_skip=2) if gated else None
     eng = Engine(MODEL, (), RandomDrafter(), EngineConfig(max_batch_size=32, max_seq_len=16, block_size=3),
-                 policy, SPS)
+                 policy, SPS, gate=gate)
     counts = torch.zeros(V, V)
     outs = eng.generate([PROMPT] * n, [SamplingParams(temperature=params.temperature, top_p=params.top_p,
                                                       max_new_tokens=3, seed=i) for i in range(n)])
@@ -88,7 +92,7 @@ def chi_square_p_upper(stat: float, df: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-@pytest.mark.parametrize("policy", ["fixed", "threshold", "confidence"])
+@pytest.mark.parametrize("policy", ["fixed", "threshold", "confidence", "confidence+gate"])
 def test_sampling_is_lossless_under_every_policy(policy: str) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95)
     n = 2500
@@ -127,3 +131,16 @@ def test_confidence_policy_verifies_fewer_drafts_than_fixed() -> None:
             drafted += eng.step().drafted
         return drafted
     assert run(create_policy("confidence")) < run(None)
+
+
+def test_gate_mixes_drafted_and_plain_rounds_and_stays_greedy_exact() -> None:
+    """A drafter that never pays (always wrong, costly per SPS) is gated off most rounds;
+    the output is still exactly AR's and features of skipped rounds are not lost."""
+    prompts = [[1, 2, 3], [4, 4, 4, 4], [7]]
+    params = SamplingParams(max_new_tokens=24)
+    ar = Engine(MODEL, (), None, EngineConfig(max_batch_size=3, max_seq_len=40)).generate(prompts, params)
+    gate = DraftGate(SPS, max_skip=4)
+    eng = Engine(MODEL, (), RandomDrafter(), EngineConfig(max_batch_size=3, max_seq_len=40, block_size=4),
+                 None, SPS, gate=gate)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in ar]
+    assert gate.drafted_rounds >= 3 and gate.skipped_rounds > gate.drafted_rounds
