@@ -1,5 +1,10 @@
-"""Draft-model proposer: a smaller model sharing the target's tokenizer drafts K tokens
-autoregressively, all sequences of the round batched into each draft forward."""
+"""Draft-model proposer: a smaller model sharing the target's tokenizer drafts up to K tokens
+autoregressively, all sequences of the round batched into each draft forward.
+
+A sequence stops drafting early once the draft model's own top probability falls below
+`stop_below` (0.4, transformers' assistant default): a draft it doubts is likely rejected,
+and every skipped draft saves one draft forward and one verified token. The rule looks
+only at the draft model, never the target, so verification stays lossless."""
 
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ class DraftModelProposer:
     name = "draft-model"
     feature_layers: tuple[int, ...] = ()
 
-    def __init__(self, model: CausalLM, max_batch_size: int = 16, max_seq_len: int = 2048) -> None:
+    def __init__(self, model: CausalLM, max_batch_size: int = 16, max_seq_len: int = 2048,
+                 stop_below: float = 0.4) -> None:
         self.model = model
+        self.stop_below = stop_below
         self.cache = model.new_cache(max_batch_size, min(max_seq_len, model.cfg.max_position_embeddings))
         self.runner = ModelRunner(model, self.cache)
         self.seqs: dict[int, _SeqState] = {}
@@ -43,14 +50,18 @@ class DraftModelProposer:
         probs: dict[int, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
         # First forward: catch up on committed tokens the draft cache lacks (incl. the anchor).
         feed = {r.seq_id: self._sync(r) for r in active}
+        stopped: set[int] = set()
         for _ in range(max((r.max_tokens for r in active), default=0)):
-            live = [r for r in active if len(tokens[r.seq_id]) < r.max_tokens]
+            live = [r for r in active if len(tokens[r.seq_id]) < r.max_tokens and r.seq_id not in stopped]
             if not live:
                 break
             out = self.runner.forward([SeqInput(self.seqs[r.seq_id].slot, feed[r.seq_id]) for r in live],
                                       last_only=True)
             for r, logits in zip(live, out.logits):
                 self.seqs[r.seq_id].cached_ids.extend(feed[r.seq_id])
+                if tokens[r.seq_id] and float(torch.softmax(logits[-1].float(), -1).max()) < self.stop_below:
+                    stopped.add(r.seq_id)  # doubtful next draft: verify what we have
+                    continue
                 p = probs_from_logits(logits, r.params)  # (1, V)
                 tok = int(p.argmax()) if r.params.greedy else int(sample(p, r.generator)[0])
                 tokens[r.seq_id].append(tok)

@@ -64,16 +64,38 @@ prompts_st = st.lists(st.lists(st.integers(0, 94), min_size=1, max_size=20), min
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompts=prompts_st, block=st.integers(1, 16), which=st.sampled_from(["ngram", "draft", "scripted"]),
-       seed=st.integers(0, 1000))
-def test_greedy_speculation_is_identical_to_ar(prompts, block, which, seed) -> None:
+       seed=st.integers(0, 1000), stop_below=st.sampled_from([0.0, 0.1]))
+def test_greedy_speculation_is_identical_to_ar(prompts, block, which, seed, stop_below) -> None:
     params = SamplingParams(max_new_tokens=10)
     ar = make_engine(batch=3).generate(prompts, params)
     proposer = {"ngram": lambda: NgramProposer(),
-                "draft": lambda: DraftModelProposer(DRAFTER, max_batch_size=3, max_seq_len=256),
+                "draft": lambda: DraftModelProposer(DRAFTER, max_batch_size=3, max_seq_len=256,
+                                                    stop_below=stop_below),
                 "scripted": lambda: ScriptedProposer(seed)}[which]()
     spec = make_engine(proposer, block=block, batch=3).generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in ar]
     assert all(o.num_accepted <= o.num_drafted for o in spec)
+
+
+def test_draft_model_stops_at_its_first_doubtful_draft() -> None:
+    """stop_below = 0 drafts the full block; stop_below > 1 keeps only the always-made first
+    draft; in between, drafting stops exactly where the draft model's top probability dips."""
+    prompt, K = [3, 17, 42, 5, 8], 6
+
+    def drafts(stop_below: float) -> list[int]:
+        prop = DraftModelProposer(DRAFTER, max_batch_size=1, max_seq_len=64, stop_below=stop_below)
+        prop.start(0, prompt)
+        return prop.propose([DraftRequest(0, prompt, K, SamplingParams(), None, None)])[0].tokens
+
+    full = drafts(0.0)
+    assert len(full) == K and drafts(1.01) == full[:1]
+    runner = ModelRunner(DRAFTER, DRAFTER.new_cache(1, 64))
+    slot = runner.cache.allocate()
+    logits = runner.forward([SeqInput(slot, prompt + full)], last_only=False).logits[0]
+    top = torch.softmax(logits.float(), -1).max(-1).values[len(prompt):]  # confidence in draft k+1
+    cut = float(top[:K - 1].median())
+    expect = next((k + 1 for k in range(K - 1) if float(top[k]) < cut), K)
+    assert drafts(cut) == full[:expect]
 
 
 def test_output_does_not_depend_on_batch_companions() -> None:
