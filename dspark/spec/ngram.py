@@ -1,12 +1,16 @@
 """Prompt-lookup proposer: copy what followed the latest earlier occurrence of the current
-suffix. Deterministic drafts (one-hot q), no model, no state."""
+suffix. Deterministic drafts (one-hot q), no model, no state.
+
+Matches need at least 2 tokens by default: a single repeated token is a weak signal, and
+every wasted draft is a verified token. On SmolLM2 at batch 1 (10 eval prompts, 64 tokens,
+greedy) min 2 measured 1.28x AR against 1.09x for min 1, at tau 1.52 vs 1.62."""
 
 from __future__ import annotations
 
 from dspark.spec.proposer import Draft, DraftRequest, register_proposer
 
 
-def lookup(tokens: list[int], max_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+def lookup(tokens: list[int], max_tokens: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Longest suffix n-gram (max_ngram down to min_ngram) that occurred earlier in `tokens`;
     return up to `max_tokens` tokens that followed its most recent earlier occurrence."""
     n_tokens = len(tokens)
@@ -27,7 +31,7 @@ class NgramProposer:
     name = "ngram"
     feature_layers: tuple[int, ...] = ()
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def start(self, seq_id: int, prompt_ids: list[int]) -> None:

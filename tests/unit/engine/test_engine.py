@@ -141,3 +141,13 @@ def test_max_new_tokens_and_eos_are_respected() -> None:
     first = reference_greedy([1, 2, 3], 1)[0]
     [o] = make_engine().generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, stop_token_ids=(first,)))
     assert o.token_ids == [first] and o.finish_reason == "stop"
+
+
+def test_ngram_lookup_prefers_longest_latest_match_and_skips_single_tokens() -> None:
+    from dspark.spec.ngram import lookup
+
+    toks = [1, 2, 3, 9, 1, 2, 4, 8, 5, 1, 2]
+    assert lookup(toks, 3) == [4, 8, 5]  # suffix [1, 2]: its latest earlier occurrence wins
+    assert lookup([7, 5, 6, 8, 9, 5], 2) == []  # only a 1-token match: not drafted by default
+    assert lookup([7, 5, 6, 8, 9, 5], 2, min_ngram=1) == [6, 8]
+    assert lookup([4, 5, 6, 4, 5], 9) == [6, 4, 5]  # the follow-up may run into the suffix itself
