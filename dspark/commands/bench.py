@@ -100,6 +100,7 @@ def _run_level(methods: list[str], policies: list[str], level: int, base: Engine
                                    tuple(target.tokenizer.eos_token_ids), base.block_size,
                                    _draft_dir(base), params.temperature, params.top_p, params.top_k,
                                    params.seed)
+            gen(encoded[prompts[0].id])  # warm-up, untimed: first-touch of the weights, kernel caches
             with tqdm(total=total, desc=f"{method} c={level}", unit="tok", file=sys.stderr) as bar:
                 runs[method] = run_callable(method, prompts, lambda p, g=gen: g(encoded[p.id]), bar)
             continue
@@ -107,6 +108,7 @@ def _run_level(methods: list[str], policies: list[str], level: int, base: Engine
             key = method if (method == "ar" or policies == ["fixed"]) else f"{method}:{policy}"
             spec = dataclasses.replace(base, method=method, verify_policy=policy, max_batch_size=level)
             _, engine, _ = build_engine(spec, target=target)
+            engine.generate([encoded[prompts[0].id]], dataclasses.replace(params, max_new_tokens=8))  # warm-up
             with tqdm(total=total, desc=f"{key} c={level}", unit="tok", file=sys.stderr) as bar:
                 runs[key] = run_engine(key, engine, prompts, lambda p: encoded[p.id], params, level, bar)
     return runs

@@ -1,4 +1,4 @@
-"""Fit the confidence head's per-position temperatures (STS) on held-out draft rounds."""
+"""Fit the confidence head's per-position temperatures and offsets (STS) on held-out draft rounds."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dspark.commands.eval_drafter import load_for_rounds
-    from dspark.drafter.checkpoint import save_temperatures
+    from dspark.drafter.checkpoint import save_calibration
     from dspark.errors import UserError
     from dspark.spec.sampling import SamplingParams
-    from dspark.train.calibrate import fit_temperatures, reliability_plot, report
+    from dspark.train.calibrate import fit_calibration, reliability_plot, report
     from dspark.train.rounds import run_rounds
 
     loaded, proposer, _, ids = load_for_rounds(args)
@@ -43,17 +43,19 @@ def run(args: argparse.Namespace) -> int:
     z, n = stats.calibration_data(K)
     if z.shape[0] < 20:
         raise UserError(f"only {z.shape[0]} full rounds; use more prompts (--limit)")
-    temps = fit_temperatures(z, n)
-    rows = report(z, n, temps)
-    plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps)
+    temps, offsets = fit_calibration(z, n)
+    rows = report(z, n, temps, offsets)
+    plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps, offsets)
     full = torch.ones(proposer.drafter.cfg.block_size)
     full[:K] = temps
+    full_b = torch.zeros(proposer.drafter.cfg.block_size)
+    full_b[:K] = offsets
     if not args.dry_run:
-        save_temperatures(args.checkpoint, full)
+        save_calibration(args.checkpoint, full, full_b)
         (Path(args.checkpoint) / "calibration.json").write_text(
             json.dumps({"rounds": int(z.shape[0]), "temperature": params.temperature,
                         "positions": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
-    out = {"rounds": int(z.shape[0]), "temperatures": full.tolist(), "plot": str(plot),
+    out = {"rounds": int(z.shape[0]), "temperatures": full.tolist(), "offsets": full_b.tolist(), "plot": str(plot),
            "positions": [dataclasses.asdict(r) for r in rows]}
     if args.json:
         print(dumps(out))

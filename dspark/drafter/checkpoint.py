@@ -19,7 +19,7 @@ from dspark.models.transformer import CausalLM
 from dspark.paths import repo_root
 
 WEIGHTS_FILE = "model.safetensors"
-KEEP_FP32 = ("conf.", "conf_temperature", "draft_vocab_ids")  # small and precision-sensitive
+KEEP_FP32 = ("conf.", "conf_temperature", "conf_offset", "draft_vocab_ids")  # small and precision-sensitive
 
 
 def default_checkpoint(target_name: str, method: str) -> Path:
@@ -49,20 +49,24 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
     dtype = dtype or target.lm_head.weight.dtype
     device = target.lm_head.weight.device
     drafter = Drafter(cfg, target)
-    drafter.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    state = load_file(str(path / WEIGHTS_FILE))
+    state.setdefault("conf_offset", torch.zeros(cfg.block_size))  # checkpoints calibrated before offsets
+    drafter.load_state_dict(state)
     drafter.to(device=device, dtype=dtype)
     drafter.conf_temperature.data = drafter.conf_temperature.float()
+    drafter.conf_offset.data = drafter.conf_offset.float()
     if cfg.confidence_head:
         drafter.conf.float()
     drafter.draft_vocab_ids.data = drafter.draft_vocab_ids.long()
     return drafter.eval().requires_grad_(False)
 
 
-def save_temperatures(directory: str | Path, temperatures: torch.Tensor) -> None:
-    """Overwrite the calibration temperatures T_1..T_K stored in a checkpoint."""
+def save_calibration(directory: str | Path, temperatures: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Overwrite the calibration T_1..T_K and offsets b_1..b_K stored in a checkpoint."""
     file = Path(directory) / WEIGHTS_FILE
     state = load_file(str(file))
-    if state["conf_temperature"].shape != temperatures.shape:
-        raise ValueError("temperature count does not match the block size")
+    if state["conf_temperature"].shape != temperatures.shape or offsets.shape != temperatures.shape:
+        raise ValueError("temperature / offset count does not match the block size")
     state["conf_temperature"] = temperatures.float().cpu().contiguous()
+    state["conf_offset"] = offsets.float().cpu().contiguous()
     save_file(state, str(file))

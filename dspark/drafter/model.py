@@ -8,7 +8,7 @@ Per block (anchor x0 at position a, K slots at positions a..a+K-1):
     h_1..K  = RMSNorm(layers(x | K/V(H_ctx<a), block bidirectional))
     U_k     = LM_head(h_k)                              target's frozen head (draft-vocab rows)
     Z_k     = U_k + W1[x_{k-1}] @ W2                     Markov bias, r = 0 -> none (DFlash)
-    c_k     = sigmoid((w . [h_k; W1[x_{k-1}]] + b) / T_k) confidence, fp32, T_k from calibration
+    c_k     = sigmoid((w . [h_k; W1[x_{k-1}]] + b) / T_k + b_k)  confidence, fp32, T_k b_k calibrated
 
 The embeddings and LM head are references to the target's modules, never registered here,
 so `state_dict()` holds only what trains (plus two small buffers).
@@ -96,6 +96,7 @@ class Drafter(nn.Module):
         if cfg.confidence_head:
             self.conf = nn.Linear(d + r, 1)
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size))
+        self.register_buffer("conf_offset", torch.zeros(cfg.block_size))  # calibration logit offsets b_k
         ids = torch.arange(vd) if cfg.draft_vocab_size is None else torch.zeros(vd, dtype=torch.long)
         self.register_buffer("draft_vocab_ids", ids)  # (Vd,) target ids of the draft vocabulary
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
@@ -181,9 +182,9 @@ class Drafter(nn.Module):
         return nn.functional.linear(feats, self.conf.weight.float(), self.conf.bias.float()).squeeze(-1)
 
     def calibrated(self, conf_logits: torch.Tensor) -> torch.Tensor:
-        """c_k = sigmoid(z_k / T_k); conf_logits (..., k) with k <= K."""
+        """c_k = sigmoid(z_k / T_k + b_k); conf_logits (..., k) with k <= K."""
         k = conf_logits.shape[-1]
-        return torch.sigmoid(conf_logits / self.conf_temperature[:k].float())
+        return torch.sigmoid(conf_logits / self.conf_temperature[:k].float() + self.conf_offset[:k].float())
 
     def to_full_vocab(self, z: torch.Tensor) -> torch.Tensor:
         """(..., Vd) -> (..., V) with -inf for tokens outside the draft vocabulary (p_d = 0)."""

@@ -61,6 +61,7 @@ class Trainer:
         self.seqs = [i for i in range(len(cache)) if self._has_anchor(i)]
         self.drafter = self._build_drafter().to(self.device, DTYPES[cfg.dtype])
         self.drafter.conf_temperature.data = self.drafter.conf_temperature.float()
+        self.drafter.conf_offset.data = self.drafter.conf_offset.float()
         self.opt = torch.optim.AdamW([p for p in self.drafter.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         per_step = cfg.batch_size * cfg.grad_accum

@@ -96,6 +96,7 @@ def test_checkpoint_round_trip_keeps_only_drafter_tensors(tmp_path) -> None:
     target = tiny_target()
     d = tiny_drafter(target, draft_vocab_size=40)
     d.conf_temperature.fill_(1.5)
+    d.conf_offset.fill_(-0.25)
     save_drafter(d, tmp_path, dtype=torch.float32)
     names = set(load_file(str(tmp_path / "model.safetensors")))
     assert not any("embed" in n or "lm_head" in n for n in names)
@@ -104,7 +105,7 @@ def test_checkpoint_round_trip_keeps_only_drafter_tensors(tmp_path) -> None:
     a = torch.tensor([[5]])
     torch.testing.assert_close(back.forward_train(feats[None], ids[None], a).logits,
                                d.forward_train(feats[None], ids[None], a).logits)
-    assert back.conf_temperature.tolist() == [1.5] * 4
+    assert back.conf_temperature.tolist() == [1.5] * 4 and back.conf_offset.tolist() == [-0.25] * 4
     assert back.draft_vocab_ids.tolist() == list(range(0, 80, 2))
     assert back.head_weight().data_ptr() != 0 and back.target is target
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.train.calibrate import auroc, ece, fit_temperatures, reliability_plot, report
+from dspark.train.calibrate import auroc, ece, fit_calibration, reliability_plot, report, survival
 
 
 def test_ece_and_auroc_by_hand() -> None:
@@ -25,18 +25,38 @@ def _overconfident(R: int = 4000, K: int = 3, seed: int = 0) -> tuple[torch.Tens
 
 def test_calibration_lowers_ece_on_overconfident_data(tmp_path) -> None:
     z, n = _overconfident()
-    temps = fit_temperatures(z, n)
+    temps, offsets = fit_calibration(z, n)
     assert all(2.5 < t < 6.5 for t in temps.tolist())  # recovers T ~ 4
-    rows = report(z, n, temps)
+    assert all(abs(b) <= 0.3 for b in offsets.tolist())  # no bias to remove
+    rows = report(z, n, temps, offsets)
     for r in rows:
         assert r.ece_after < 0.5 * r.ece_before and r.ece_after < 0.03
     zt, nt = _overconfident(seed=1)  # held out
-    assert all(r.ece_after < r.ece_before for r in report(zt, nt, temps))
-    assert reliability_plot(tmp_path / "rel.png", z, n, temps).stat().st_size > 1000
+    assert all(r.ece_after < r.ece_before for r in report(zt, nt, temps, offsets))
+    assert reliability_plot(tmp_path / "rel.png", z, n, temps, offsets).stat().st_size > 1000
+
+
+def test_offset_removes_a_bias_no_temperature_can() -> None:
+    """The head ranks well but is 1.5 logits too optimistic everywhere (true rate ~0.2)."""
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(4000, 2, generator=g) - 1.5
+    accepted = torch.rand(4000, 2, generator=g) < torch.sigmoid(u)
+    n = accepted.long().cumprod(-1).sum(-1)
+    z = u + 1.5
+    temps_only, _ = fit_calibration(z, n, b_grid=torch.zeros(1), objective="ece")  # DSPARK.md's STS
+    temps, offsets = fit_calibration(z, n)
+    assert -1.8 < float(offsets[0]) < -1.2 and 0.8 < float(temps[0]) < 1.25
+    s_t = survival(z, temps_only)[:, 0]
+    s_tb = survival(z, temps, offsets)[:, 0]
+    obs = n > 0
+    assert ece(s_tb, obs) < 0.02 < ece(s_t, obs)
+    assert auroc(s_tb, obs) > 0.7
+    # a constant at the base rate has zero ECE too: log loss is what keeps the ranking
+    assert ece(torch.full_like(s_tb, float(obs.float().mean())), obs) < 1e-6
 
 
 def test_positions_without_signal_keep_temperature_one() -> None:
     z = torch.randn(50, 2)
     n = torch.zeros(50, dtype=torch.long)  # nothing ever accepted: ECE ties at every T near 0
-    temps = fit_temperatures(z, n)
+    temps, _ = fit_calibration(z, n, b_grid=torch.zeros(1), objective="ece")
     assert temps[1] == 1.0 or abs(float(temps[1].log())) <= abs(float(temps[0].log()))
