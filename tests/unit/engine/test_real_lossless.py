@@ -15,6 +15,10 @@ from dspark.spec.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
+# Used when the shared eval sets are not next to the checkout, so the test never runs empty.
+FALLBACK = ["Write a Python function that checks whether a string is a palindrome.",
+            "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
+            "Explain the difference between a list and a tuple in Python."]
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,9 @@ def setup():  # noqa: ANN201
         for line in f.read_text().splitlines()[:2]:
             msgs = [{"role": "user", "content": json.loads(line)["turns"][0]}]
             prompts.append(target.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+    if not prompts:
+        prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+                   for q in FALLBACK]
     params = SamplingParams(max_new_tokens=40)
     _, ar, _ = build_engine(EngineSpec(model=MODEL, method="ar", max_batch_size=len(prompts)), target)
     return target, prompts, params, [o.token_ids for o in ar.generate(prompts, params)]
