@@ -180,7 +180,7 @@ class Engine:
             drafts = [Draft([]) for _ in seqs]  # a plain target step; features keep pending
         else:
             drafts = self._propose(seqs)
-            stats.proposed = True
+            stats.proposed = self.proposer is not None
         stats.propose_s = time.perf_counter() - t0
         self.verify_round(seqs, drafts, stats)
         if gated and stats.proposed:
