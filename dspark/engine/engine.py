@@ -19,7 +19,14 @@ from collections import deque
 
 import torch
 
-from dspark.engine.sequence import FinishReason, RequestOutput, Sequence, StreamCallback
+from dspark.engine.sequence import (
+    FinishReason,
+    RequestOutput,
+    Sequence,
+    StreamCallback,
+    finish_reason_of,
+    stop_token_ids,
+)
 from dspark.errors import UserError
 from dspark.models.runner import ModelRunner, SeqInput
 from dspark.models.transformer import CausalLM
@@ -96,10 +103,7 @@ class Engine:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= self.cache.max_len:
             raise UserError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.cache.max_len}")
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops |= set(self.eos_token_ids)
-        return Sequence(next(self._ids), list(prompt_ids), params, frozenset(stops),
+        return Sequence(next(self._ids), list(prompt_ids), params, stop_token_ids(params, self.eos_token_ids),
                         make_generator(params.seed, self.runner.device), on_tokens)
 
     def abort(self, seq_id: int) -> None:
@@ -242,12 +246,11 @@ class Engine:
             seq.first_token_s = time.perf_counter()
         tokens = tokens[: seq.params.max_new_tokens - len(seq.output_ids)]
         seq.output_ids.extend(tokens)
-        if tokens and tokens[-1] in seq.stop_ids:
-            seq.finish_reason = FinishReason.STOP
-        elif len(seq.output_ids) >= seq.params.max_new_tokens:
-            seq.finish_reason = FinishReason.LENGTH
-        elif self.cache.lengths[seq.slot] + 1 >= self.cache.max_len:
-            seq.finish_reason = FinishReason.LENGTH
+        reason = finish_reason_of(seq.output_ids, seq.stop_ids, seq.params.max_new_tokens)
+        if reason is None and self.cache.lengths[seq.slot] + 1 >= self.cache.max_len:
+            reason = FinishReason.LENGTH  # the KV context is full
+        if reason is not None:
+            seq.finish_reason = reason
         if seq.on_tokens is not None:
             seq.on_tokens(seq.seq_id, tokens, seq.finished)
 

@@ -22,6 +22,19 @@ class FinishReason(str, enum.Enum):
 StreamCallback = Callable[[int, list[int], bool], None]
 
 
+def stop_token_ids(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> frozenset[int]:
+    """Tokens that end a request: its own stop ids, plus the model's EOS unless ignore_eos."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
+
+
+def finish_reason_of(output_ids: list[int], stop_ids: frozenset[int], max_new_tokens: int) -> FinishReason | None:
+    """The stop rule on committed output: a stop token last, else the length limit.
+    (The engine adds one more reason of its own: the KV context is full.)"""
+    if output_ids and output_ids[-1] in stop_ids:
+        return FinishReason.STOP
+    return FinishReason.LENGTH if len(output_ids) >= max_new_tokens else None
+
+
 @dataclasses.dataclass
 class Sequence:
     seq_id: int

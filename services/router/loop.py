@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import ray.exceptions
 
+from dspark.engine.sequence import finish_reason_of, stop_token_ids
 from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
 from dspark.spec.proposer import Draft
@@ -254,11 +255,9 @@ class Router:
     def _finished_by_log(self, job: _Job) -> str | None:
         """The engine's stop rule applied to the log (a router may die after logging the
         last token but before recording the finish)."""
-        p, out = job.spec.params, job.committed
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
-        if out and out[-1] in stop_ids:
-            return "stop"
-        return "length" if len(out) >= p.max_new_tokens else None
+        p = job.spec.params
+        reason = finish_reason_of(job.committed, stop_token_ids(p, self.eos_token_ids), p.max_new_tokens)
+        return None if reason is None else reason.value
 
     async def _set_prefilling(self, request_id: str) -> None:
         try:
