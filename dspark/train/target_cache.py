@@ -14,7 +14,6 @@ skipped on a rerun, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dspark.errors import UserError
+from dspark.fileio import sha256_file, write_atomic
 from dspark.models.transformer import CausalLM, ForwardBatch
 
 MANIFEST = "manifest.json"
@@ -80,21 +80,11 @@ def capture(model: CausalLM, ids: list[int], taps: Sequence[int]) -> tuple[torch
 def file_fingerprint(path: str | Path) -> str:
     """Name, size and sha256 of a data file: a cache is only resumed from the same input."""
     p = Path(path)
-    return f"{p.name}:{p.stat().st_size}:{_sha256(p)[:16]}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return f"{p.name}:{p.stat().st_size}:{sha256_file(p)[:16]}"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def build_target_cache(model: CausalLM, tok: ChatTokenizer, model_name: str,
@@ -157,7 +147,7 @@ def _write_shard(model: CausalLM, tok: ChatTokenizer, chunk: list[list[Message]]
     tmp = out / (name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, out / name)
-    return {"index": index, "file": name, "sha256": _sha256(out / name),
+    return {"index": index, "file": name, "sha256": sha256_file(out / name),
             "num_sequences": len(offsets) - 1, "num_tokens": offsets[-1]}
 
 
@@ -180,7 +170,7 @@ class TargetCache:
         self._files = []
         for si, shard in enumerate(self.manifest["shards"]):
             file = self.dir / shard["file"]
-            if verify and (not file.is_file() or _sha256(file) != shard["sha256"]):
+            if verify and (not file.is_file() or sha256_file(file) != shard["sha256"]):
                 raise UserError(f"target cache shard {file} is missing or corrupt")
             self._files.append(safe_open(str(file), "pt"))
             offsets = self._files[-1].get_tensor("offsets").tolist()
