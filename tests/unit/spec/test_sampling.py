@@ -100,3 +100,60 @@ def test_non_finite_sampling_parameters_are_rejected() -> None:
     for kw in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"top_p": float("nan")}):
         with pytest.raises(UserError):
             SamplingParams(**kw)
+
+
+def _full_sort(logits: torch.Tensor, params: SamplingParams, monkeypatch) -> torch.Tensor:
+    """The reference: the same function with the candidate shortcut switched off."""
+    from dspark.spec import sampling
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "CANDIDATES", logits.shape[-1])
+        return probs_from_logits(logits, params)
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 0.2, "top_p": 0.9},  # SmolLM2's recommended sampling
+    {"temperature": 1.0, "top_p": 0.5},
+    {"temperature": 1.0, "top_k": 50},
+    {"temperature": 0.7, "top_k": 400, "top_p": 0.95},  # k above the candidate count
+    {"temperature": 3.0, "top_p": 0.999},  # flat: the nucleus outgrows the candidates
+])
+def test_candidate_shortcut_equals_the_full_sort(kw, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=g) * 4
+    params = SamplingParams(**kw)
+    fast, ref = probs_from_logits(logits, params), _full_sort(logits, params, monkeypatch)
+    assert torch.equal(fast > 0, ref > 0)  # the same support, token for token
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_candidate_shortcut_keeps_lowest_index_ties_at_its_edge(monkeypatch) -> None:
+    logits = torch.zeros(2, 3000)
+    logits[1, 2990:] = 1.0  # ten best, then 2990 tied values across the candidate edge
+    for params in (SamplingParams(temperature=1.0, top_k=300), SamplingParams(temperature=1.0, top_p=0.05)):
+        fast = probs_from_logits(logits, params)
+        torch.testing.assert_close(fast, _full_sort(logits, params, monkeypatch))
+    kept = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=300))[0].nonzero().squeeze(1)
+    assert kept.tolist() == list(range(300))
+
+
+def test_candidate_shortcut_with_a_restricted_draft_vocabulary(monkeypatch) -> None:
+    logits = torch.full((3, 4000), float("-inf"))
+    logits[:, ::20] = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))  # 200 finite
+    for params in (SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.5, top_k=100)):
+        torch.testing.assert_close(probs_from_logits(logits, params), _full_sort(logits, params, monkeypatch))
+
+
+def test_sample_matches_the_distribution_and_never_picks_zero_mass() -> None:
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0]).repeat(20000, 1)
+    tokens = sample(probs, make_generator(0))
+    freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+    edge = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    assert sample(edge, make_generator(1)).item() == 1
+
+
+def test_sample_clamps_a_uniform_that_rounds_up_to_the_total(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.ones(n, m))
+    assert sample(torch.tensor([[0.2, 0.8, 0.0, 0.0]]), None).tolist() == [1]
