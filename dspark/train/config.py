@@ -32,6 +32,9 @@ class TrainConfig(BaseModel):
                                               "built with the same model and taps (used as one)")
     out: str = Field(description="run directory: log.jsonl, checkpoint/, drafter/")
     export: str | None = Field(None, description="also copy the final drafter checkpoint here")
+    init_from: str | None = Field(
+        None, description="warm start: the `out` of an earlier run with the same drafter shape; its last "
+                          "weights, draft vocabulary and MASK id (fresh optimizer and schedule)")
     drafter: DrafterShape = Field(default_factory=DrafterShape)
     lr: float = Field(6e-4, gt=0, description="peak learning rate")
     warmup_frac: float = Field(0.04, ge=0, lt=1, description="linear warmup share of the steps")
@@ -47,7 +50,7 @@ class TrainConfig(BaseModel):
     export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     device: str = "cpu"
 
-    @field_validator("data", "out", "export")
+    @field_validator("data", "out", "export", "init_from")
     @classmethod
     def _expand(cls, v: str | list[str] | None) -> str | list[str] | None:
         """`~` and a leading `{cache}` (= dspark.paths.cache_dir()) are expanded."""

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from dspark.drafter.checkpoint import save_drafter
 from dspark.drafter.config import DrafterConfig
 from dspark.drafter.model import Drafter
+from dspark.errors import UserError
 from dspark.models.transformer import CausalLM
 from dspark.train.anchors import block_targets, sample_anchors, valid_anchor_positions
 from dspark.train.config import TrainConfig
@@ -78,6 +79,8 @@ class Trainer:
         return valid_anchor_positions(mask, mask.numel()).numel() > 0
 
     def _build_drafter(self) -> Drafter:
+        if self.cfg.init_from:
+            return self._warm_start(Path(self.cfg.init_from))
         cfg, shape = self.cfg, self.cfg.drafter
         mask_id, vocab_ids = choose_vocab(self.cache, self.target.cfg.vocab_size, shape.draft_vocab_size)
         dflash = cfg.method == "dflash"
@@ -90,6 +93,28 @@ class Trainer:
         drafter = Drafter(dcfg, self.target)
         if vocab_ids is not None:
             drafter.draft_vocab_ids.copy_(vocab_ids)
+        return drafter
+
+    def _warm_start(self, run: Path) -> Drafter:
+        """The last weights of an earlier run (its fp32 training state, not the bf16 export),
+        with its draft vocabulary and MASK id, which must still be unused in this data."""
+        path = run / "checkpoint" / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"init_from: no training checkpoint at {path}")
+        st = torch.load(path, weights_only=False)
+        dcfg = DrafterConfig.model_validate(st["drafter_config"])
+        shape, dflash = self.cfg.drafter, self.cfg.method == "dflash"
+        want = (shape.num_layers, shape.block_size, 0 if dflash else shape.markov_rank, not dflash,
+                shape.gamma, shape.draft_vocab_size, self.cache.taps)
+        got = (dcfg.num_layers, dcfg.block_size, dcfg.markov_rank, dcfg.confidence_head, dcfg.gamma,
+               dcfg.draft_vocab_size, dcfg.taps)
+        if got != want:
+            raise UserError(f"init_from {run}: (layers, K, rank, confidence, gamma, draft vocab, taps) "
+                            f"{got} != this config's {want}")
+        if self.cache.token_counts(dcfg.vocab_size)[dcfg.mask_token_id] > 0:
+            raise UserError(f"init_from {run}: its MASK id {dcfg.mask_token_id} occurs in this data")
+        drafter = Drafter(dcfg, self.target)
+        drafter.load_state_dict(st["drafter"])
         return drafter
 
     def _epoch_order(self, epoch: int) -> list[int]:

@@ -11,12 +11,13 @@ from dspark.train.config import TrainConfig
 CONFIGS = Path(dspark.train.__file__).parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-dspark.yaml", "smollm2-135m-dflash.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("smollm2-135m-*.yaml")))
 def test_shipped_configs_validate(name: str, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     cfg = TrainConfig.load(CONFIGS / name)
     data = cfg.data if isinstance(cfg.data, list) else [cfg.data]
     assert all(d.startswith(str(tmp_path)) for d in data) and cfg.method in name
+    assert cfg.init_from is None or cfg.init_from.startswith(str(tmp_path))
 
 
 def test_unknown_fields_are_rejected(tmp_path) -> None:

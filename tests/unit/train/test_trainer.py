@@ -76,3 +76,26 @@ def test_dflash_trains_ce_only(cache_dir, tmp_path) -> None:
     tr = Trainer(cfg, tiny_target(), TargetCache(cache_dir))
     rec = tr.train(progress=False)[-1]
     assert "loss_tv" not in rec and tr.drafter.cfg.markov_rank == 0 and not tr.drafter.cfg.confidence_head
+
+
+def test_warm_start_takes_the_earlier_runs_last_weights_and_vocabulary(cache_dir, tmp_path) -> None:
+    from dspark.errors import UserError
+
+    target = tiny_target()
+    first = Trainer(_cfg(cache_dir, tmp_path / "a", max_steps=3), target, TargetCache(cache_dir))
+    first.train(progress=False)
+    second = Trainer(_cfg(cache_dir, tmp_path / "b", init_from=str(tmp_path / "a"), seed=5), target,
+                     TargetCache(cache_dir))
+    assert second.step == 0 and second.total_steps == 6  # fresh optimizer and schedule
+    for (name, p), q in zip(first.drafter.state_dict().items(), second.drafter.state_dict().values(),
+                            strict=True):
+        assert torch.equal(p, q), name  # weights, draft vocabulary ids, buffers
+    assert second.drafter.cfg == first.drafter.cfg
+    second.train(progress=False)
+    with pytest.raises(UserError, match="rank"):  # another shape cannot start from it
+        Trainer(_cfg(cache_dir, tmp_path / "c", init_from=str(tmp_path / "a"),
+                     drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=8, draft_vocab_size=60)),
+                target, TargetCache(cache_dir))
+    with pytest.raises(UserError, match="no training checkpoint"):
+        Trainer(_cfg(cache_dir, tmp_path / "d", init_from=str(tmp_path / "missing")), target,
+                TargetCache(cache_dir))
