@@ -60,8 +60,8 @@ class DrafterProposer:
     def _draft(self, requests: list[DraftRequest]) -> list[Draft]:
         d = self.drafter
         h = block_hidden(d, [self._caches[r.seq_id] for r in requests], [r.token_ids[-1] for r in requests])
-        base = d.base_logits(h)  # (B, K, Vd) float32
         L = max(min(r.max_tokens, self.max_drafts) for r in requests)
+        base = d.base_logits(h[:, :L])  # (B, L, Vd) float32: no head rows for slots never drafted
         prev = torch.tensor([r.token_ids[-1] for r in requests], device=d.device)  # (B,) x_0
         tokens, probs, prevs = [], [], []
         for k in range(L):  # serial Markov steps: cheap (one r x Vd product each)
