@@ -49,7 +49,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     dspark, b_dspark = read_stages("dspark")
-    dflash, b_dflash = read_stages("dflash")
+    dflash, _ = read_stages("dflash")
     if not dspark:
         raise SystemExit(f"no training logs under {RUNS}")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -58,7 +58,7 @@ def main() -> None:
         ax1.plot(x, smooth([r["accept_per_pos"][pos] for r in dspark]), label=f"position {pos + 1}")
     ax1.set(xlabel="sequences seen", ylabel="est. acceptance (T=1, training batches)",
             title="DSpark: acceptance per block position", ylim=(0, None))
-    for name, recs, b in (("DSpark", dspark, b_dspark), ("DFlash-style", dflash, b_dflash)):
+    for name, recs in (("DSpark", dspark), ("DFlash-style", dflash)):
         if recs:
             xs = [i * SEQS_PER_STEP for i in range(1, len(recs) + 1)]
             ax2.plot(xs, smooth([r["loss_ce"] for r in recs]), label=name)
