@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if z.shape[0] < 20:
         raise UserError(f"only {z.shape[0]} full rounds; use more prompts (--limit)")
     temps, offsets = fit_calibration(z, n)
-    rows = report(z, n, temps, offsets)
+    rows = report(z, n, temps, offsets, heldout=True)
     plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps, offsets)
     full = torch.ones(proposer.drafter.cfg.block_size)
     full[:K] = temps
@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
         print(dumps(out))
     else:
         for r in rows:
-            print(f"pos {r.position}: T={r.temperature:.3f} ECE {r.ece_before:.4f} -> {r.ece_after:.4f} "
-                  f"AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
+            print(f"pos {r.position}: T={r.temperature:.3f} b={r.offset:+.2f} ECE {r.ece_before:.4f} -> "
+                  f"{r.ece_after:.4f} (held out {r.ece_heldout:.4f}) AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
     return 0

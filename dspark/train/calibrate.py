@@ -98,11 +98,27 @@ class PositionReport:
     offset: float
     num_rounds: int
     accept_rate: float
+    ece_heldout: float | None = None  # two-fold cross-fit: each half scored by the other's fit
+
+
+def cross_fitted_ece(conf_logits: torch.Tensor, num_accepted: torch.Tensor, **fit_kw: object) -> list[float]:
+    """ECE per position of survival estimates that never saw their own rounds: fit on the
+    first half of the rounds, score the second, and the other way round. Rounds are in
+    prompt order, so the halves are (nearly) disjoint prompts."""
+    R, K = conf_logits.shape
+    half = R // 2
+    parts = [(slice(0, half), slice(half, R)), (slice(half, R), slice(0, half))]
+    scored = torch.empty(R, K)
+    for fit_on, score in parts:
+        t, b = fit_calibration(conf_logits[fit_on], num_accepted[fit_on], **fit_kw)
+        scored[score] = survival(conf_logits[score], t, b).float()
+    return [ece(scored[:, k], num_accepted > k) for k in range(K)]
 
 
 def report(conf_logits: torch.Tensor, num_accepted: torch.Tensor, temps: torch.Tensor,
-           offsets: torch.Tensor | None = None) -> list[PositionReport]:
+           offsets: torch.Tensor | None = None, heldout: bool = False) -> list[PositionReport]:
     K = conf_logits.shape[1]
+    held = cross_fitted_ece(conf_logits, num_accepted) if heldout else [None] * K
     offsets = torch.zeros(K) if offsets is None else offsets
     before, after = survival(conf_logits, torch.ones(K)), survival(conf_logits, temps, offsets)
     out = []
@@ -111,7 +127,7 @@ def report(conf_logits: torch.Tensor, num_accepted: torch.Tensor, temps: torch.T
         rate = float(obs.float().mean()) if obs.numel() else float("nan")
         out.append(PositionReport(k + 1, ece(before[:, k], obs), ece(after[:, k], obs),
                                   auroc(before[:, k], obs), auroc(after[:, k], obs), float(temps[k]),
-                                  float(offsets[k]), int(obs.numel()), rate))
+                                  float(offsets[k]), int(obs.numel()), rate, held[k]))
     return out
 
 

@@ -60,3 +60,17 @@ def test_positions_without_signal_keep_temperature_one() -> None:
     n = torch.zeros(50, dtype=torch.long)  # nothing ever accepted: ECE ties at every T near 0
     temps, _ = fit_calibration(z, n, b_grid=torch.zeros(1), objective="ece")
     assert temps[1] == 1.0 or abs(float(temps[1].log())) <= abs(float(temps[0].log()))
+
+
+def test_cross_fitted_ece_scores_rounds_the_fit_never_saw() -> None:
+    from dspark.train.calibrate import cross_fitted_ece
+
+    z, n = _overconfident(R=4000)
+    held = cross_fitted_ece(z, n)
+    rows = report(z, n, *fit_calibration(z, n), heldout=True)
+    assert [r.ece_heldout for r in rows] == held
+    assert all(h < 0.04 and h < r.ece_before for h, r in zip(held, rows))
+    # Few rounds: an in-sample fit looks better than it is; the held-out number does not.
+    zs, ns = _overconfident(R=60, seed=3)
+    small = report(zs, ns, *fit_calibration(zs, ns), heldout=True)
+    assert sum(r.ece_heldout for r in small) > sum(r.ece_after for r in small)
