@@ -114,7 +114,9 @@ class Trainer:
         if self.cache.token_counts(dcfg.vocab_size)[dcfg.mask_token_id] > 0:
             raise UserError(f"init_from {run}: its MASK id {dcfg.mask_token_id} occurs in this data")
         drafter = Drafter(dcfg, self.target)
-        drafter.load_state_dict(st["drafter"])
+        state = st["drafter"]
+        state.setdefault("conf_offset", torch.zeros(dcfg.block_size))  # runs from before calibration offsets
+        drafter.load_state_dict(state)
         return drafter
 
     def _epoch_order(self, epoch: int) -> list[int]:

@@ -92,6 +92,13 @@ def test_warm_start_takes_the_earlier_runs_last_weights_and_vocabulary(cache_dir
         assert torch.equal(p, q), name  # weights, draft vocabulary ids, buffers
     assert second.drafter.cfg == first.drafter.cfg
     second.train(progress=False)
+    # A run saved before calibration offsets existed still warm-starts (offsets 0).
+    state_file = tmp_path / "a" / "checkpoint" / "state.pt"
+    st = torch.load(state_file, weights_only=False)
+    del st["drafter"]["conf_offset"]
+    torch.save(st, state_file)
+    old = Trainer(_cfg(cache_dir, tmp_path / "e", init_from=str(tmp_path / "a")), target, TargetCache(cache_dir))
+    assert torch.equal(old.drafter.conf_offset, torch.zeros(4))
     with pytest.raises(UserError, match="rank"):  # another shape cannot start from it
         Trainer(_cfg(cache_dir, tmp_path / "c", init_from=str(tmp_path / "a"),
                      drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=8, draft_vocab_size=60)),
