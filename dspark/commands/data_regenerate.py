@@ -26,13 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dspark.models.loader import load_model
-    from dspark.train.regenerate import SYSTEM_PROMPT, done_ids, read_conversations, regenerate
+    from dspark.train.regenerate import SYSTEM_PROMPT, read_conversations, regenerate
 
     records = read_conversations(args.data, args.limit)
     loaded = load_model(args.model, DTYPES[args.dtype], args.device or default_device())
-    left = len([r for r in records if r["id"] not in done_ids(args.out)])
-    with tqdm(total=left, desc="regenerate", unit="conv", file=sys.stderr) as bar:
+    skipped = [0]
+
+    def plan(todo: int, too_long: int) -> None:
+        bar.total, skipped[0] = todo, too_long
+        bar.refresh()
+
+    with tqdm(total=None, desc="regenerate", unit="conv", file=sys.stderr) as bar:
         n = regenerate(loaded, records, args.out, args.max_new_tokens, args.batch, args.max_prompt_tokens,
-                       args.seed, args.system_prompt or SYSTEM_PROMPT, on_done=lambda _: bar.update(1))
-    print(f"dspark: wrote {n} conversations to {args.out}", file=sys.stderr)
+                       args.seed, args.system_prompt or SYSTEM_PROMPT, on_done=lambda _: bar.update(1),
+                       on_plan=plan)
+    print(f"dspark: wrote {n} conversations to {args.out}; left out {skipped[0]} prompts longer than "
+          f"--max-prompt-tokens {args.max_prompt_tokens}", file=sys.stderr)
     return 0

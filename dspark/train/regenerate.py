@@ -65,12 +65,13 @@ def done_ids(path: str | Path) -> set[str]:
 
 def regenerate(loaded: Any, records: Iterable[dict[str, Any]], out_path: str | Path,
                max_new_tokens: int = 512, batch: int = 16, max_prompt_tokens: int = 512, seed: int = 0,
-               system_prompt: str = SYSTEM_PROMPT,
-               on_done: Callable[[int], None] | None = None) -> int:
-    """Answer every record not yet in `out_path`; returns how many were written."""
+               system_prompt: str = SYSTEM_PROMPT, on_done: Callable[[int], None] | None = None,
+               on_plan: Callable[[int, int], None] | None = None) -> int:
+    """Answer every record not yet in `out_path`; returns how many were written.
+    `on_plan(to_answer, too_long)` is called once the prompts are tokenized."""
     tok = loaded.tokenizer
     skip = done_ids(out_path)
-    todo = []
+    todo, too_long = [], 0
     for i, rec in enumerate(records):
         if rec["id"] in skip:
             continue
@@ -80,6 +81,9 @@ def regenerate(loaded: Any, records: Iterable[dict[str, Any]], out_path: str | P
         if len(ids) <= max_prompt_tokens:
             params = recommended_sampling(loaded.generation_config, max_new_tokens, seed + i)
             todo.append((rec["id"], msgs, ids, params))
+        else:
+            too_long += 1
+    on_plan and on_plan(len(todo), too_long)
     if not todo:
         return 0
     config = EngineConfig(max_batch_size=batch, max_seq_len=max_prompt_tokens + max_new_tokens + 1)

@@ -64,3 +64,16 @@ def test_regenerate_appends_and_resumes(tmp_path) -> None:
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == ["c0", "c1", "c2"]
     assert [m["role"] for m in lines[0]["messages"]] == ["system", "user", "assistant"]
+
+
+def test_regenerate_plans_and_reports_prompts_left_out_for_length(tmp_path) -> None:
+    src = tmp_path / "train.jsonl"
+    convs = conversations(3)
+    convs[1][0]["content"] = " ".join(["5"] * 80)  # far over the prompt limit below
+    src.write_text("".join(json.dumps({"id": f"c{i}", "messages": m}) + "\n" for i, m in enumerate(convs)))
+    loaded = types.SimpleNamespace(model=tiny_target(), tokenizer=FakeChatTokenizer(),
+                                   generation_config={"temperature": 0.5, "top_p": 0.9})
+    plans = []
+    n = regenerate(loaded, read_conversations(src), tmp_path / "regen.jsonl", max_new_tokens=4, batch=2,
+                   max_prompt_tokens=40, system_prompt="1 2", on_plan=lambda a, b: plans.append((a, b)))
+    assert n == 2 and plans == [(2, 1)]
