@@ -62,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"pos {r.position}: T={r.temperature:.3f} b={r.offset:+.2f} ECE {r.ece_before:.4f} -> "
-                  f"{r.ece_after:.4f} (held out {r.ece_heldout:.4f}) AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
+                  f"{r.ece_after:.4f} (held out {r.ece_heldout:.4f}, noise floor {r.ece_floor:.4f}) "
+                  f"AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
     return 0

@@ -99,6 +99,16 @@ class PositionReport:
     num_rounds: int
     accept_rate: float
     ece_heldout: float | None = None  # two-fold cross-fit: each half scored by the other's fit
+    ece_floor: float | None = None  # median ECE if the calibrated s_k were exactly right (sampling noise)
+
+
+def ece_floor(pred: torch.Tensor, draws: int = 50, seed: int = 0) -> float:
+    """Median ECE of `pred` against labels drawn from `pred` itself: what a perfectly
+    calibrated predictor measures with this many rounds. ECEs near it are noise."""
+    g = torch.Generator().manual_seed(seed)
+    p = pred.float().clamp(0, 1)
+    vals = [ece(p, torch.rand(p.shape, generator=g) < p) for _ in range(draws)]
+    return float(torch.tensor(vals).median())
 
 
 def cross_fitted_ece(conf_logits: torch.Tensor, num_accepted: torch.Tensor, **fit_kw: object) -> list[float]:
@@ -119,15 +129,18 @@ def report(conf_logits: torch.Tensor, num_accepted: torch.Tensor, temps: torch.T
            offsets: torch.Tensor | None = None, heldout: bool = False) -> list[PositionReport]:
     K = conf_logits.shape[1]
     held = cross_fitted_ece(conf_logits, num_accepted) if heldout else [None] * K
+    floor = [None] * K
     offsets = torch.zeros(K) if offsets is None else offsets
     before, after = survival(conf_logits, torch.ones(K)), survival(conf_logits, temps, offsets)
     out = []
     for k in range(K):
         obs = num_accepted > k
         rate = float(obs.float().mean()) if obs.numel() else float("nan")
+        if heldout:
+            floor[k] = ece_floor(after[:, k])
         out.append(PositionReport(k + 1, ece(before[:, k], obs), ece(after[:, k], obs),
                                   auroc(before[:, k], obs), auroc(after[:, k], obs), float(temps[k]),
-                                  float(offsets[k]), int(obs.numel()), rate, held[k]))
+                                  float(offsets[k]), int(obs.numel()), rate, held[k], floor[k]))
     return out
 
 

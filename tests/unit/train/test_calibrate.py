@@ -74,3 +74,15 @@ def test_cross_fitted_ece_scores_rounds_the_fit_never_saw() -> None:
     zs, ns = _overconfident(R=60, seed=3)
     small = report(zs, ns, *fit_calibration(zs, ns), heldout=True)
     assert sum(r.ece_heldout for r in small) > sum(r.ece_after for r in small)
+
+
+def test_ece_floor_is_what_a_perfect_predictor_measures() -> None:
+    from dspark.train.calibrate import ece_floor
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(2000, generator=g) * 0.6
+    small, large = ece_floor(p[:300]), ece_floor(p)
+    assert 0 < large < small < 0.1  # shrinks with more rounds, never zero
+    truth = torch.rand(2000, generator=torch.Generator().manual_seed(5)) < p
+    assert ece(p, truth) < 3 * large  # a perfectly calibrated predictor sits near its floor
+    assert ece(torch.full_like(p, 0.9), truth) > 10 * large  # a wrong one does not
