@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measure the shipped SmolLM2-135M-Instruct drafters and write the reports the README quotes:
 # calibration, eval-drafter (eval files and the dev split), and the methods bench at T=0/T=1.
-# Two jobs at a time, one thread each (a 2-core machine). About 40 minutes here.
+# Two jobs at a time, one thread each (a 2-core machine). About 50 minutes here.
 # Usage: scripts/evaluate-smollm2-drafters.sh [PROMPTS_PER_EVAL_FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ R=docs/results
 mkdir -p $R out
 
 # Calibration first: the eval and the bench read the calibrated checkpoint.
-$DS calibrate --checkpoint $CK/dspark --dataset "$DEV" --limit 30 --max-new-tokens 64 \
+$DS calibrate --checkpoint $CK/dspark --dataset "$DEV" --limit 80 --max-new-tokens 64 \
     --plot docs/img/reliability-smollm2-dspark.png --json > $R/calibrate-dspark.json &
 $DS eval-drafter --checkpoint $CK/dflash --dataset $E --limit "$L" --max-new-tokens 64 --json \
     > $R/eval-drafter-dflash.json &

@@ -36,5 +36,5 @@ cache 3 c & cache 4 d & wait
 $DS train --config $CFG/smollm2-135m-dspark-stage2.yaml & $DS train --config $CFG/smollm2-135m-dflash-stage2.yaml & wait
 
 CK=dspark/drafter/checkpoints/smollm2-135m-instruct
-$DS calibrate --checkpoint $CK/dspark --dataset "$C/data/sharegpt/dev.jsonl" --limit 30 \
+$DS calibrate --checkpoint $CK/dspark --dataset "$C/data/sharegpt/dev.jsonl" --limit 80 \
     --max-new-tokens 64 --plot docs/img/reliability-smollm2-dspark.png
