@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if z.shape[0] < 20:
         raise UserError(f"only {z.shape[0]} full rounds; use more prompts (--limit)")
     temps, offsets = fit_calibration(z, n)
-    rows = report(z, n, temps, offsets, heldout=True)
+    rows = report(z, n, temps, offsets, references=True)
     plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps, offsets)
     full = torch.ones(proposer.drafter.cfg.block_size)
     full[:K] = temps

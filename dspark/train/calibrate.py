@@ -126,21 +126,21 @@ def cross_fitted_ece(conf_logits: torch.Tensor, num_accepted: torch.Tensor, **fi
 
 
 def report(conf_logits: torch.Tensor, num_accepted: torch.Tensor, temps: torch.Tensor,
-           offsets: torch.Tensor | None = None, heldout: bool = False) -> list[PositionReport]:
+           offsets: torch.Tensor | None = None, references: bool = False) -> list[PositionReport]:
+    """Per-position ECE and AUROC before/after; `references` adds the held-out ECE and the
+    noise floor (a few more fits and simulations)."""
     K = conf_logits.shape[1]
-    held = cross_fitted_ece(conf_logits, num_accepted) if heldout else [None] * K
-    floor = [None] * K
+    held = cross_fitted_ece(conf_logits, num_accepted) if references else [None] * K
     offsets = torch.zeros(K) if offsets is None else offsets
     before, after = survival(conf_logits, torch.ones(K)), survival(conf_logits, temps, offsets)
     out = []
     for k in range(K):
         obs = num_accepted > k
         rate = float(obs.float().mean()) if obs.numel() else float("nan")
-        if heldout:
-            floor[k] = ece_floor(after[:, k])
         out.append(PositionReport(k + 1, ece(before[:, k], obs), ece(after[:, k], obs),
                                   auroc(before[:, k], obs), auroc(after[:, k], obs), float(temps[k]),
-                                  float(offsets[k]), int(obs.numel()), rate, held[k], floor[k]))
+                                  float(offsets[k]), int(obs.numel()), rate, held[k],
+                                  ece_floor(after[:, k]) if references else None))
     return out
 
 

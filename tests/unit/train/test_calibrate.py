@@ -67,12 +67,12 @@ def test_cross_fitted_ece_scores_rounds_the_fit_never_saw() -> None:
 
     z, n = _overconfident(R=4000)
     held = cross_fitted_ece(z, n)
-    rows = report(z, n, *fit_calibration(z, n), heldout=True)
+    rows = report(z, n, *fit_calibration(z, n), references=True)
     assert [r.ece_heldout for r in rows] == held
     assert all(h < 0.04 and h < r.ece_before for h, r in zip(held, rows))
     # Few rounds: an in-sample fit looks better than it is; the held-out number does not.
     zs, ns = _overconfident(R=60, seed=3)
-    small = report(zs, ns, *fit_calibration(zs, ns), heldout=True)
+    small = report(zs, ns, *fit_calibration(zs, ns), references=True)
     assert sum(r.ece_heldout for r in small) > sum(r.ece_after for r in small)
 
 
