@@ -49,9 +49,7 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
     dtype = dtype or target.lm_head.weight.dtype
     device = target.lm_head.weight.device
     drafter = Drafter(cfg, target)
-    state = load_file(str(path / WEIGHTS_FILE))
-    state.setdefault("conf_offset", torch.zeros(cfg.block_size))  # checkpoints calibrated before offsets
-    drafter.load_state_dict(state)
+    load_weights(drafter, load_file(str(path / WEIGHTS_FILE)))
     drafter.to(device=device, dtype=dtype)
     drafter.conf_temperature.data = drafter.conf_temperature.float()
     drafter.conf_offset.data = drafter.conf_offset.float()
@@ -59,6 +57,12 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
         drafter.conf.float()
     drafter.draft_vocab_ids.data = drafter.draft_vocab_ids.long()
     return drafter.eval().requires_grad_(False)
+
+
+def load_weights(drafter: Drafter, state: dict[str, torch.Tensor]) -> None:
+    """Load a drafter state dict; states from before calibration offsets get offsets 0."""
+    state = {"conf_offset": torch.zeros(drafter.cfg.block_size), **state}
+    drafter.load_state_dict(state)
 
 
 def save_calibration(directory: str | Path, temperatures: torch.Tensor, offsets: torch.Tensor) -> None:

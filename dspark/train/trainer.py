@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dspark.drafter.checkpoint import save_drafter
+from dspark.drafter.checkpoint import load_weights, save_drafter
 from dspark.drafter.config import DrafterConfig
 from dspark.drafter.model import Drafter
 from dspark.errors import UserError
@@ -114,9 +114,7 @@ class Trainer:
         if self.cache.token_counts(dcfg.vocab_size)[dcfg.mask_token_id] > 0:
             raise UserError(f"init_from {run}: its MASK id {dcfg.mask_token_id} occurs in this data")
         drafter = Drafter(dcfg, self.target)
-        state = st["drafter"]
-        state.setdefault("conf_offset", torch.zeros(dcfg.block_size))  # runs from before calibration offsets
-        drafter.load_state_dict(state)
+        load_weights(drafter, st["drafter"])
         return drafter
 
     def _epoch_order(self, epoch: int) -> list[int]:
