@@ -21,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts")
     p.add_argument("--batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system-prompt", default=None, help="fixed system prompt (default: a generic one)")
+    p.add_argument("--system-prompt", default=None, help="fixed system prompt (default: none, so the chat template inserts the model's own, as for every other command)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dspark.models.loader import load_model
-    from dspark.train.regenerate import SYSTEM_PROMPT, read_conversations, regenerate
+    from dspark.train.regenerate import read_conversations, regenerate
 
     records = read_conversations(args.data, args.limit)
     loaded = load_model(args.model, DTYPES[args.dtype], args.device or default_device())
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     with tqdm(total=None, desc="regenerate", unit="conv", file=sys.stderr) as bar:
         n = regenerate(loaded, records, args.out, args.max_new_tokens, args.batch, args.max_prompt_tokens,
-                       args.seed, args.system_prompt or SYSTEM_PROMPT, on_done=lambda _: bar.update(1),
+                       args.seed, args.system_prompt, on_done=lambda _: bar.update(1),
                        on_plan=plan)
     print(f"dspark: wrote {n} conversations to {args.out}; left out {skipped[0]} prompts longer than "
           f"--max-prompt-tokens {args.max_prompt_tokens}", file=sys.stderr)

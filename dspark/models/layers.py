@@ -67,8 +67,9 @@ class MLP(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float) -> torch.Tensor:
-    """q (B, H, T, hd); k, v (B, KVH, S, hd); mask (B, 1, T, S) bool (True = attend).
+           scale: float, causal: bool = False) -> torch.Tensor:
+    """q (B, H, T, hd); k, v (B, KVH, S, hd); mask (B, 1, T, S) bool (True = attend);
+    `causal` (with mask None, S == T > 64): plain causal attention by the fused kernel.
 
     Plain matmul attention with grouped query heads folded into the row dimension: for the
     few query tokens of decode and verification this is several times faster on CPU than
@@ -79,7 +80,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     kvh, S = k.shape[1], k.shape[2]
     g = H // kvh
     if T > 64:  # long prefill: the fused kernel wins and bounds memory
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=g > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=g > 1,
+                                              is_causal=causal and mask is None)
     qg = q.reshape(B, kvh, g * T, hd)  # query head h uses kv head h // g
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, KVH, g*T, S)
     if mask is not None:

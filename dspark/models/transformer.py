@@ -35,6 +35,8 @@ class ForwardBatch:
     full_mask: torch.Tensor | None  # (B, 1, T, ctx_len) bool; None = attend to everything
     sliding_mask: torch.Tensor | None = None
     single_slot: int | None = None  # B == 1: read the cache through a view, not a gather
+    slot_range: tuple[int, int] | None = None  # slots are lo, lo + 1, ..., hi - 1: a view too
+    causal: bool = False  # fresh prefill (every start is 0): full_mask is plain causal, use the kernel's
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], num_new: list[int],
@@ -51,7 +53,12 @@ class ForwardBatch:
         full_mask = sliding_mask = None
         j = torch.arange(ctx_len)
         causal = j[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        if B > 1 or T > 1:  # one sequence decoding one token sees its whole cache: no mask
+        # A fresh prefill of right-padded rows (every start 0, T > 64) needs no mask tensor:
+        # real tokens come first, so a causal kernel never lets them see padding; what the
+        # padding rows compute is discarded. A (B, 1, T, T) bool mask would force SDPA's slow
+        # path, which dominated batched prefill.
+        fresh = T > 64 and not any(starts)
+        if (B > 1 or T > 1) and not fresh:  # one sequence decoding one token sees its whole cache
             full_mask = causal.unsqueeze(1)
         if sliding_window is not None and ctx_len > sliding_window:
             window = j[None, None, :] > positions[:, :, None] - sliding_window
@@ -64,6 +71,8 @@ class ForwardBatch:
             full_mask=None if full_mask is None else full_mask.to(device),
             sliding_mask=None if sliding_mask is None else sliding_mask.to(device),
             single_slot=slots[0] if B == 1 else None,
+            slot_range=(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else None,
+            causal=fresh,
         )
 
 
@@ -99,10 +108,14 @@ class Attention(nn.Module):
         if batch.single_slot is not None:
             s = batch.single_slot
             keys, values = kc[s:s + 1, :batch.ctx_len], vc[s:s + 1, :batch.ctx_len]
+        elif batch.slot_range is not None:  # a full batch in slot order: no copy of the cache
+            lo, hi = batch.slot_range
+            keys, values = kc[lo:hi, :batch.ctx_len], vc[lo:hi, :batch.ctx_len]
         else:
             keys, values = kc[batch.slots, :batch.ctx_len], vc[batch.slots, :batch.ctx_len]
         mask = batch.sliding_mask if (self.sliding and batch.sliding_mask is not None) else batch.full_mask
-        out = attend(q, keys.transpose(1, 2), values.transpose(1, 2), mask, cfg.attn_scale)
+        out = attend(q, keys.transpose(1, 2), values.transpose(1, 2), mask, cfg.attn_scale,
+                     causal=batch.causal and mask is batch.full_mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -83,8 +83,10 @@ def _truncated_from_candidates(scaled: torch.Tensor, k: int, top_p: float) -> to
     if c >= V:
         return None
     vals, idx = torch.topk(scaled, c, dim=-1)  # (N, c) descending, ties in no set order
-    if ((scaled >= vals[:, -1:]).sum(-1) != c).any():
-        return None  # a value equal to the c-th best lies outside: only a full sort orders it
+    edge = vals[:, -1:]  # (N, 1) the c-th best value
+    tie_crosses = (scaled >= edge).sum(-1) != c  # (N,) a value equal to the edge lies outside
+    if tie_crosses.any() and (k < V or top_p >= 1):
+        return None  # only a full sort orders the tied tokens
     idx, by_index = idx.sort(dim=-1)  # ascending ids, then a stable sort by value
     vals, by_value = torch.sort(vals.gather(-1, by_index), dim=-1, descending=True, stable=True)
     order = idx.gather(-1, by_value)  # (N, c): the full stable sort's first c entries
@@ -96,6 +98,12 @@ def _truncated_from_candidates(scaled: torch.Tensor, k: int, top_p: float) -> to
     if top_p < 1:
         if (probs.sum(-1) < top_p).any():
             return None  # the nucleus may reach past the prefix
+        # A tie across the edge (common with bf16 logits) is harmless when the tokens strictly
+        # above the edge already hold top_p: every edge-valued token then has >= top_p mass
+        # before it in any order, so the nucleus drops them all, exactly as the full sort would.
+        above = (probs * (vals > edge)).sum(-1)  # (N,)
+        if (tie_crosses & (above < top_p)).any():
+            return None
         probs = _nucleus(probs, top_p)
     return torch.zeros_like(scaled).scatter_(-1, order, probs)
 

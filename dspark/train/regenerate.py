@@ -1,10 +1,17 @@
 """Regenerate training responses with the target itself.
 
 The drafter must imitate the target, so each conversation's first user turn is answered
-again by the target, under one fixed system prompt and the target's recommended sampling
-(`generation_config.json`: temperature/top-p/top-k; fallback temperature 0.7, top-p 0.9).
-Output lines: {"id", "messages": [system, user, assistant], "finish_reason", "num_tokens"}.
-The output file is appended to as requests finish; a rerun skips ids already written.
+again by the target, with the target's recommended sampling (`generation_config.json`:
+temperature/top-p/top-k; fallback temperature 0.7, top-p 0.9) and the same system prompt
+users get: by default none is passed, so the chat template inserts the model's own default,
+exactly as `dspark generate`, `eval-drafter`, `bench` and the fleet do for a bare prompt.
+
+Output lines: {"id", "domain", "messages": [(system,) user, assistant], "prompt_ids",
+"response_ids", "finish_reason", "num_tokens"}. The token ids are what the target produced,
+so training never re-tokenizes text; `response_ids` ends with the end-of-turn token only
+when the answer really ended (`finish_reason == "stop"`), never when it was cut at the
+length limit. The output file is appended to as requests finish; a rerun skips ids already
+written.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from dspark.engine.engine import Engine, EngineConfig
 from dspark.errors import UserError
 from dspark.spec.sampling import SamplingParams
 
-SYSTEM_PROMPT = "You are a helpful AI assistant."
 FALLBACK_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 
 
@@ -44,7 +50,8 @@ def read_conversations(path: str | Path, limit: int | None = None) -> list[dict[
             first = next((m for m in msgs if m.get("role") == "user" and m.get("content")), None)
             if first is None:
                 continue
-            out.append({"id": str(rec.get("id", f"{p.stem}-{lineno}")), "messages": msgs, "prompt": first})
+            out.append({"id": str(rec.get("id", f"{p.stem}-{lineno}")), "messages": msgs, "prompt": first,
+                        "domain": rec.get("domain", "")})
             if limit is not None and len(out) >= limit:
                 break
     return out
@@ -65,7 +72,7 @@ def done_ids(path: str | Path) -> set[str]:
 
 def regenerate(loaded: Any, records: Iterable[dict[str, Any]], out_path: str | Path,
                max_new_tokens: int = 512, batch: int = 16, max_prompt_tokens: int = 512, seed: int = 0,
-               system_prompt: str = SYSTEM_PROMPT, on_done: Callable[[int], None] | None = None,
+               system_prompt: str | None = None, on_done: Callable[[int], None] | None = None,
                on_plan: Callable[[int, int], None] | None = None) -> int:
     """Answer every record not yet in `out_path`; returns how many were written.
     `on_plan(to_answer, too_long)` is called once the prompts are tokenized."""
@@ -75,12 +82,13 @@ def regenerate(loaded: Any, records: Iterable[dict[str, Any]], out_path: str | P
     for i, rec in enumerate(records):
         if rec["id"] in skip:
             continue
-        msgs = [{"role": "system", "content": system_prompt},
-                {"role": "user", "content": rec["prompt"]["content"]}]
+        msgs = [{"role": "user", "content": rec["prompt"]["content"]}]
+        if system_prompt is not None:
+            msgs.insert(0, {"role": "system", "content": system_prompt})
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
         if len(ids) <= max_prompt_tokens:
             params = recommended_sampling(loaded.generation_config, max_new_tokens, seed + i)
-            todo.append((rec["id"], msgs, ids, params))
+            todo.append((rec, msgs, ids, params))
         else:
             too_long += 1
     on_plan and on_plan(len(todo), too_long)
@@ -88,16 +96,18 @@ def regenerate(loaded: Any, records: Iterable[dict[str, Any]], out_path: str | P
         return 0
     config = EngineConfig(max_batch_size=batch, max_seq_len=max_prompt_tokens + max_new_tokens + 1)
     engine = Engine(loaded.model, tuple(tok.eos_token_ids), config=config)
-    by_seq = {engine.add_request(ids, params): (rid, msgs) for rid, msgs, ids, params in todo}
+    by_seq = {engine.add_request(ids, params): (rec, msgs, ids) for rec, msgs, ids, params in todo}
     written = 0
     with open(out_path, "a") as f:
         while engine.has_work:
             engine.step()
             for seq_id in [s for s in list(engine.finished) if s in by_seq]:
                 res = engine.pop_finished(seq_id)
-                rid, msgs = by_seq.pop(seq_id)
+                src, msgs, prompt_ids = by_seq.pop(seq_id)
                 text = tok.decode(res.token_ids, skip_special_tokens=True)
-                rec = {"id": rid, "messages": [*msgs, {"role": "assistant", "content": text.strip()}],
+                rec = {"id": src["id"], "domain": src.get("domain", ""),
+                       "messages": [*msgs, {"role": "assistant", "content": text.strip()}],
+                       "prompt_ids": prompt_ids, "response_ids": list(res.token_ids),
                        "finish_reason": str(res.finish_reason), "num_tokens": len(res.token_ids)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()

@@ -157,3 +157,26 @@ def test_sample_matches_the_distribution_and_never_picks_zero_mass() -> None:
 def test_sample_clamps_a_uniform_that_rounds_up_to_the_total(monkeypatch) -> None:
     monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.ones(n, m))
     assert sample(torch.tensor([[0.2, 0.8, 0.0, 0.0]]), None).tolist() == [1]
+
+
+def test_candidate_shortcut_decides_bf16_ties_below_the_nucleus(monkeypatch) -> None:
+    """bf16 logits tie often; a tie across the candidate edge must not force the full sort
+    when the tokens above it already hold top_p, and must when they do not."""
+    from dspark.spec import sampling
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 6000, generator=g) * 3).to(torch.bfloat16).float()  # many exact ties
+    logits[:, :3] += 20  # a peaked head: T = 0.2, top-p 0.9 keeps a handful of tokens
+    params = SamplingParams(temperature=0.2, top_p=0.9)
+    calls = []
+    real_sort = torch.sort
+    monkeypatch.setattr(sampling.torch, "sort", lambda x, *a, **k: (calls.append(x.shape[-1]), real_sort(x, *a, **k))[1])
+    fast = probs_from_logits(logits, params)
+    assert 6000 not in calls  # decided from the candidates
+    monkeypatch.undo()
+    ref = _full_sort(logits, params, monkeypatch)
+    assert torch.equal(fast > 0, ref > 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+    flat = torch.zeros(1, 3000)  # all tied: the nucleus needs an order among the tied tokens
+    torch.testing.assert_close(probs_from_logits(flat, SamplingParams(temperature=1.0, top_p=0.5)),
+                               _full_sort(flat, SamplingParams(temperature=1.0, top_p=0.5), monkeypatch))

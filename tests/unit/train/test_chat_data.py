@@ -14,8 +14,10 @@ from dspark.train.chat_data import (
     JsonArrayStream,
     PrepareConfig,
     clean_messages,
+    domain_of,
     eval_prompt_keys,
     filter_conversations,
+    interleave_domains,
     prepare_sharegpt,
     split_conversations,
     to_messages,
@@ -112,7 +114,7 @@ def test_filter_counts_dedupe_and_eval_exclusion(eval_dir: Path) -> None:
     ids = [c.id for c in kept]
     assert ids == [f"c{i}" for i in range(30)]
     assert (counts.eval_overlap, counts.duplicate, counts.not_user_first, counts.empty_prompt) == (2, 1, 1, 1)
-    assert kept[0].to_record() == {"id": "c0", "num_turns": 2, "messages": [
+    assert kept[0].to_record() == {"id": "c0", "domain": "chat", "num_turns": 2, "messages": [
         {"role": "user", "content": "Question number 0 é🙂"}, {"role": "assistant", "content": "Answer 0"}]}
 
 
@@ -245,3 +247,24 @@ def test_prepare_real_sharegpt(tmp_path: Path) -> None:
     assert 17_000 < counts["decoded"] < 18_500 and counts["truncated_dropped"] == 1
     assert counts["kept"] > 9_000
     assert len(read_jsonl(tmp_path / "train.jsonl")) == 180
+
+
+def test_domain_of_tags_code_maths_and_chat() -> None:
+    assert domain_of("Write a Python function that reverses a list") == "code"
+    assert domain_of("```js\nconsole.log(1)\n```") == "code"
+    assert domain_of("Solve the equation 3x + 2 = 11") == "math"
+    assert domain_of("What is 12 * 7?") == "math"
+    assert domain_of("Help me plan my afternoon") == "chat"
+
+
+def test_interleave_domains_keeps_the_mix_in_every_prefix_until_a_domain_runs_out() -> None:
+    items = [("chat", i) for i in range(60)] + [("code", i) for i in range(30)] + [("math", i) for i in range(5)]
+    out = interleave_domains(items, lambda x: x[0], {"code": 0.4, "math": 0.2, "chat": 0.4})
+    assert sorted(out) == sorted(items)  # a permutation
+    for name in ("chat", "code", "math"):  # each domain keeps its own order
+        assert [i for d, i in out if d == name] == sorted(i for d, i in items if d == name)
+    first20 = [d for d, _ in out[:20]]
+    assert (first20.count("code"), first20.count("math"), first20.count("chat")) == (8, 4, 8)
+    first10 = [d for d, _ in out[:10]]
+    assert (first10.count("code"), first10.count("math"), first10.count("chat")) == (4, 2, 4)
+    assert [d for d, _ in out[-10:]] == ["chat"] * 10  # code and maths ran out first
