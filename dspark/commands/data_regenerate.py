@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts")
     p.add_argument("--batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system-prompt", default=None, help="fixed system prompt (default: none, so the chat template inserts the model's own, as for every other command)")
+    p.add_argument("--system-prompt", default=None,
+                   help="fixed system prompt (default: none, so the chat template inserts the model's own, "
+                        "as for every other command)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -170,7 +170,11 @@ def test_candidate_shortcut_decides_bf16_ties_below_the_nucleus(monkeypatch) -> 
     params = SamplingParams(temperature=0.2, top_p=0.9)
     calls = []
     real_sort = torch.sort
-    monkeypatch.setattr(sampling.torch, "sort", lambda x, *a, **k: (calls.append(x.shape[-1]), real_sort(x, *a, **k))[1])
+    def counting_sort(x, *a, **k):
+        calls.append(x.shape[-1])
+        return real_sort(x, *a, **k)
+
+    monkeypatch.setattr(sampling.torch, "sort", counting_sort)
     fast = probs_from_logits(logits, params)
     assert 6000 not in calls  # decided from the candidates
     monkeypatch.undo()
