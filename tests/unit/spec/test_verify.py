@@ -1,17 +1,19 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import textwrap
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
+import dspark.spec.verify as verify_mod
 from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from dspark.spec.verify import (
     _next_token_probs,
-    rejection_sample,
     verify,
     verify_batch,
     verify_greedy,
@@ -126,13 +128,29 @@ def test_verify_batch_truncates_drafts_to_scheduled_length() -> None:
     assert [r.tokens for r in results] == [[1, 2], [4, 6]]
 
 
-# -- sampling: the output distribution equals the target's ------------------------------------
+def test_sampling_all_accepted_adds_bonus_from_the_last_row() -> None:
+    # q == p one-hot: all three drafts are accepted; the bonus comes from row l (token 7),
+    # not from row l-1 (token 3), and is always emitted.
+    p_t = _one_hot([1, 2, 3, 7])
+    r = verify_sampling([1, 2, 3], p_t[:3], p_t, make_generator(0), {EOS})
+    assert (r.num_accepted, r.tokens, r.finished_by_stop) == (3, [1, 2, 3, 7], False)
+    r = verify_sampling([1, 2, 3], None, p_t, make_generator(0), {EOS})  # one-hot q
+    assert (r.num_accepted, r.tokens) == (3, [1, 2, 3, 7])
+
+
+# -- sampling: every emitted token follows the target's law -----------------------------------
 # A toy first-order Markov target p(. | prev) and drafter q(. | prev) over V tokens. Each
-# trial runs rounds of l drafts from anchor 0 until two tokens are emitted, and the joint of
-# (y1, y2) is compared with p(y1 | 0) p(y2 | y1) by a chi-square test.
+# trial runs ROUNDS rounds of l drafts, the first from anchor 0 and each later one from the
+# last token the previous round emitted. Speculative sampling is lossless iff, given the
+# tokens before it, every emitted token (accepted drafts, the correction after a rejection,
+# the bonus after full acceptance) is distributed as p(. | previous token). So the test
+# counts transitions (previous token -> emitted token) separately for each position in the
+# round (0 .. l, where l is the bonus) and compares each table with p by a chi-square test:
+# a bug that touches only one position (say the bonus row) shows in that position's table.
 
 V = 8
 NUM_SAMPLES = 20_000
+ROUNDS = 2
 Verifier = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator],
                     tuple[torch.Tensor, torch.Tensor]]
 
@@ -166,6 +184,8 @@ def make_toy(kind: str, params: SamplingParams) -> Toy:
     target = probs_from_logits(t_logits, params)
     if kind == "random":
         return Toy(target, probs_from_logits(d_logits, params))
+    if kind == "close":  # mostly right: many rounds accept every draft, so bonuses are common
+        return Toy(target, 0.8 * target + 0.2 * probs_from_logits(d_logits, params))
     if kind == "always_right":
         return Toy(target, target.clone())
     if kind == "always_wrong":  # all draft mass where the target has none
@@ -174,6 +194,8 @@ def make_toy(kind: str, params: SamplingParams) -> Toy:
         return Toy(target, probs_from_logits(_masked(d_logits, [0, 1]), params))
     if kind == "one_hot":
         return Toy(target, None, d_logits.argmax(-1))
+    if kind == "one_hot_likely":  # the target's own argmax: mostly accepted
+        return Toy(target, None, t_logits.argmax(-1))
     if kind == "one_hot_wrong":
         return Toy(target, None, torch.full((V,), V - 1))
     raise ValueError(kind)
@@ -193,45 +215,63 @@ def _draft_round(toy: Toy, anchors: torch.Tensor, num_drafts: int, g: torch.Gene
     return torch.stack(xs, 1), (torch.stack(qs, 1) if qs else None)  # (N, l), (N, l, V)
 
 
-def _round(verifier: Verifier, toy: Toy, anchors: torch.Tensor, num_drafts: int, g: torch.Generator,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens, q = _draft_round(toy, anchors, num_drafts, g)
-    p = toy.target[torch.cat([anchors.unsqueeze(1), tokens], 1)]  # (N, l+1, V)
-    num_accepted, next_token = verifier(tokens, q, p, g)
-    return tokens, num_accepted, next_token
+def real_verifier(tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor,
+                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The library's `rejection_sample`, looked up at call time (so a monkeypatched
+    mutant of it, or of a helper it calls, is what runs)."""
+    return verify_mod.rejection_sample(tokens, q, p, g)
 
 
-def first_two_tokens(verifier: Verifier, toy: Toy, num_drafts: int, seed: int = 0) -> torch.Tensor:
+def transition_counts(verifier: Verifier, toy: Toy, num_drafts: int, seed: int = 0,
+                      n: int = NUM_SAMPLES) -> torch.Tensor:
+    """(l+1, V, V) counts of (previous token -> emitted token) by position in the round,
+    over ROUNDS chained rounds of n trials."""
     g = torch.Generator().manual_seed(seed)
-    tokens, n, nxt = _round(verifier, toy, torch.zeros(NUM_SAMPLES, dtype=torch.long), num_drafts, g)
-    y1 = torch.where(n >= 1, tokens[:, 0], nxt)
-    y2 = torch.where(n == 1, nxt, tokens[:, min(1, num_drafts - 1)])  # valid where n >= 1
-    pending = n == 0  # only one token so far: its successor comes from the next round
-    t2, n2, nxt2 = _round(verifier, toy, nxt[pending], num_drafts, g)
-    y2[pending] = torch.where(n2 >= 1, t2[:, 0], nxt2)
-    return torch.stack([y1, y2], 1)  # (N, 2)
+    counts = torch.zeros(num_drafts + 1, V, V)
+    anchors, rows = torch.zeros(n, dtype=torch.long), torch.arange(n)
+    for _ in range(ROUNDS):
+        tokens, q = _draft_round(toy, anchors, num_drafts, g)
+        p = toy.target[torch.cat([anchors.unsqueeze(1), tokens], 1)]  # (N, l+1, V)
+        num_accepted, next_token = verifier(tokens, q, p, g)
+        assert ((0 <= num_accepted) & (num_accepted <= num_drafts)).all()
+        emitted = torch.cat([tokens, torch.zeros(n, 1, dtype=torch.long)], 1)  # (N, l+1)
+        emitted[rows, num_accepted] = next_token  # accepted drafts, then correction / bonus
+        prev = torch.cat([anchors.unsqueeze(1), emitted[:, :-1]], 1)
+        for j in range(num_drafts + 1):
+            live = num_accepted >= j  # position j was emitted
+            counts[j] += torch.bincount(prev[live, j] * V + emitted[live, j], minlength=V * V).view(V, V).float()
+        anchors = next_token  # the next round starts from the last emitted token
+    return counts
 
 
-def chi_square_excess(samples: torch.Tensor, target: torch.Tensor, anchor: int = 0) -> float:
-    """Chi-square statistic over its critical value at p ~ 1e-6 (> 0 means reject); +inf
-    when a pair with zero target probability was emitted. Cells expecting < 5 are pooled."""
-    joint = (target[anchor].unsqueeze(1) * target).double().flatten()  # (V*V,) p(y1) p(y2 | y1)
-    observed = torch.bincount(samples[:, 0] * V + samples[:, 1], minlength=V * V).double()
-    if observed[joint == 0].sum() > 0:
-        return math.inf
-    expected = joint * samples.shape[0]
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    dof = int(keep.sum()) - 1
-    # Wilson-Hilferty: chi2_dof quantile ~ dof (1 - 2/(9 dof) + z sqrt(2/(9 dof)))^3, z = 4.75.
-    critical = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
-    return stat - critical
+def chi_square_excess(counts: torch.Tensor, target: torch.Tensor) -> float:
+    """Worst position's chi-square statistic over its critical value at p ~ 1e-6 (> 0 means
+    reject); +inf when a transition with zero target probability was emitted. Row a of a
+    table is compared with counts[a].sum() * target[a]; cells expecting < 5 are pooled."""
+    worst = -math.inf
+    for table in counts:  # (V, V) per position
+        if (table[target == 0] > 0).any():
+            return math.inf
+        stat, dof = 0.0, 0
+        for row, p in zip(table, target):
+            expected = p * row.sum()
+            small = expected < 5
+            obs = torch.cat([row[~small], row[small].sum().view(1)])
+            exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+            keep = exp > 0
+            if int(keep.sum()) < 2:
+                continue
+            stat += float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+            dof += int(keep.sum()) - 1
+        if dof:
+            # Wilson-Hilferty: chi2_dof quantile ~ dof (1 - 2/(9 dof) + z sqrt(2/(9 dof)))^3, z = 4.75.
+            critical = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
+            worst = max(worst, stat - critical)
+    return worst
 
 
-KINDS = ["random", "always_right", "always_wrong", "partial_overlap", "one_hot", "one_hot_wrong"]
+KINDS = ["random", "close", "always_right", "always_wrong", "partial_overlap", "one_hot", "one_hot_likely",
+         "one_hot_wrong"]
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
@@ -241,8 +281,12 @@ def test_speculative_sampling_reproduces_target(temperature: float, top_p: float
     for kind in KINDS:
         toy = make_toy(kind, params)
         for num_drafts in (1, 3):
-            excess = chi_square_excess(first_two_tokens(rejection_sample, toy, num_drafts), toy.target)
+            counts = transition_counts(real_verifier, toy, num_drafts)
+            excess = chi_square_excess(counts, toy.target)
             assert excess < 0, (kind, num_drafts, excess)
+            # Every position is exercised, the bonus row too (l > 1 needs full acceptance).
+            if kind in ("close", "always_right", "one_hot_likely"):
+                assert counts[num_drafts].sum() > NUM_SAMPLES // 10, (kind, counts.sum((1, 2)))
 
 
 def test_single_sequence_verifier_matches_target() -> None:
@@ -258,36 +302,66 @@ def test_single_sequence_verifier_matches_target() -> None:
     assert (counts / 2000 - toy.target[0]).abs().sum() / 2 < 0.05  # TV; std ~ 0.01
 
 
-# -- the test catches the classic mistakes ----------------------------------------------------
+# -- the checks catch the classic mistakes, made in the library's own code -------------------
+# Each mutant is the real function's source with one small edit, compiled in the module's
+# namespace and monkeypatched in; if the code moves on and an edit no longer applies, the
+# test fails instead of silently checking nothing.
 
-def _textbook(mistake: str) -> Verifier:
-    """A plain speculative sampler with one deliberate mistake."""
-    def verifier(tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, g: torch.Generator,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rounds, last = tokens.shape  # last = l: the bonus row
-        q = torch.nn.functional.one_hot(tokens, V).float() if q is None else q  # (N, l, V)
-        p_t_x = p[:, :last].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        p_d_x = q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        accept_prob = p_t_x if mistake == "ignore_draft_prob" else (p_t_x / p_d_x).clamp(max=1)
-        n = (torch.rand((n_rounds, last), generator=g) < accept_prob).long().cumprod(-1).sum(-1)
-        rows, k = torch.arange(n_rounds), n.clamp(max=last - 1)
-        residual = (p[rows, k] - q[rows, k]).clamp_min(0)
-        if mistake == "resample_from_target":
-            residual = p[rows, k]
-        if mistake == "bonus_after_rejection":  # draw the correction from the bonus row
-            residual = p[rows, last]
-        dist = torch.where((n < last).unsqueeze(-1), residual, p[rows, last])  # (N, V)
-        dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[rows, k])  # q == p_t
-        if mistake == "unnormalised_residual":  # inverse CDF of a residual that sums to < 1
-            u = torch.rand((n_rounds, 1), generator=g)
-            return n, torch.searchsorted(dist.cumsum(-1), u, right=True).squeeze(-1).clamp(max=V - 1)
-        return n, torch.multinomial(dist, 1, generator=g).squeeze(-1)
-    return verifier
+MUTANTS: dict[str, tuple[str, str, str]] = {  # name: (function, original text, broken text)
+    "accept_q_over_p": ("rejection_sample", "p_t_x / p_d_x.clamp_min(", "p_d_x / p_t_x.clamp_min("),
+    "accept_ignores_draft_prob": (
+        "rejection_sample",
+        "ratio = torch.where(p_d_x > 0, p_t_x / p_d_x.clamp_min(torch.finfo(torch.float32).tiny), 0.0)",
+        "ratio = p_t_x"),
+    "accept_off_by_one": ("rejection_sample", "num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)",
+                          "num_accepted = (accepted.long().cumprod(dim=-1).sum(dim=-1) + 1).clamp(max=num_drafts)"),
+    "residual_q_minus_p": ("_next_token_probs", "(p_t_n - q_n).clamp_min(0.0)", "(q_n - p_t_n).clamp_min(0.0)"),
+    "residual_is_target": ("_next_token_probs", "residual = (p_t_n - q_n).clamp_min(0.0)", "residual = p_t_n"),
+    "residual_wrong_draft_row": ("_next_token_probs", "k = num_accepted.clamp(max=num_drafts - 1)",
+                                 "k = (num_accepted + 1).clamp(max=num_drafts - 1)"),
+    "residual_wrong_target_row": ("_next_token_probs", "p_t_n = p_t[rows, num_accepted]",
+                                  "p_t_n = p_t[rows, (num_accepted + 1).clamp(max=num_drafts)]"),
+    "bonus_wrong_row": ("_next_token_probs", "p_t_n = p_t[rows, num_accepted]",
+                        "p_t_n = p_t[rows, num_accepted.clamp(max=num_drafts - 1)]"),
+    "missing_bonus": ("_finish", "tokens = [*draft_tokens[:num_accepted], next_token]",
+                      "tokens = [*draft_tokens[:num_accepted], "
+                      "*([next_token] if num_accepted < len(draft_tokens) else [])]"),
+}
 
 
-@pytest.mark.parametrize("mistake", ["ignore_draft_prob", "resample_from_target",
-                                     "bonus_after_rejection", "unnormalised_residual"])
-def test_broken_verifiers_fail_the_check(mistake: str) -> None:
-    toy = make_toy("random", SamplingParams(temperature=1.0))
-    assert chi_square_excess(first_two_tokens(_textbook("none"), toy, 3), toy.target) < 0
-    assert chi_square_excess(first_two_tokens(_textbook(mistake), toy, 3), toy.target) > 0
+def mutant(name: str) -> tuple[str, Callable[..., object]]:
+    """(function name, the library function with the mutant's edit applied)."""
+    fn_name, old, new = MUTANTS[name]
+    source = textwrap.dedent(inspect.getsource(getattr(verify_mod, fn_name)))
+    assert source.count(old) == 1, f"mutant {name}: {old!r} is no longer in {fn_name}"
+    namespace = dict(vars(verify_mod))
+    exec(compile(source.replace(old, new), f"<mutant {name}>", "exec"), namespace)  # noqa: S102
+    return fn_name, namespace[fn_name]
+
+
+def verifier_flaws() -> list[str]:
+    """What the checks above find wrong with the library's verifier as it is now."""
+    flaws = []
+    params = SamplingParams(temperature=1.0)
+    for kind in ("random", "close", "one_hot", "one_hot_likely"):
+        toy = make_toy(kind, params)
+        excess = chi_square_excess(transition_counts(real_verifier, toy, 3), toy.target)
+        if not excess < 0:
+            flaws.append(f"{kind}: chi-square excess {excess:.1f}")
+    p_t = _one_hot([1, 2, 3, 7])
+    for q in (p_t[:3], None):
+        r = verify_sampling([1, 2, 3], q, p_t, make_generator(0))
+        if (r.num_accepted, r.tokens) != (3, [1, 2, 3, 7]):
+            flaws.append(f"full acceptance emitted {r.tokens}")
+    return flaws
+
+
+def test_the_library_verifier_has_no_flaw() -> None:
+    assert verifier_flaws() == []
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_each_broken_verifier_is_caught(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fn_name, broken = mutant(name)
+    monkeypatch.setattr(verify_mod, fn_name, broken)
+    assert verifier_flaws(), f"mutant {name} went unnoticed"
