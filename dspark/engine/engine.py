@@ -27,10 +27,13 @@ from dspark.engine.sequence import (
     finish_reason_of,
     stop_token_ids,
 )
+from dspark.engine.stop import TextStream
 from dspark.errors import UserError
 from dspark.models.runner import ModelRunner, SeqInput
+from dspark.models.tokenizer import Tokenizer
 from dspark.models.transformer import CausalLM
 from dspark.spec.gate import DraftGate
+from dspark.spec.logits import TokenLogprob, process_logits, token_logprobs
 from dspark.spec.proposer import Draft, DraftRequest, Proposer
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
 from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
@@ -67,8 +70,10 @@ class Engine:
     def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
                  policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None,
-                 feature_layers: tuple[int, ...] | None = None, gate: DraftGate | None = None) -> None:
+                 feature_layers: tuple[int, ...] | None = None, gate: DraftGate | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.config = config or EngineConfig()
+        self.tokenizer = tokenizer  # needed only for requests with stop strings
         self.model = model
         max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
         self.cache = model.new_cache(self.config.max_batch_size, max_len)
@@ -103,8 +108,13 @@ class Engine:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= self.cache.max_len:
             raise UserError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.cache.max_len}")
-        return Sequence(next(self._ids), list(prompt_ids), params, stop_token_ids(params, self.eos_token_ids),
-                        make_generator(params.seed, self.runner.device), on_tokens)
+        if params.stop and self.tokenizer is None:
+            raise UserError("stop strings need an engine built with a tokenizer")
+        seq = Sequence(next(self._ids), list(prompt_ids), params, stop_token_ids(params, self.eos_token_ids),
+                       make_generator(params.seed, self.runner.device), on_tokens)
+        if params.stop:
+            seq.text = TextStream(self.tokenizer, params.stop)  # type: ignore[arg-type]
+        return seq
 
     def abort(self, seq_id: int) -> None:
         for seq in itertools.chain(self.waiting, self.running):
@@ -167,17 +177,19 @@ class Engine:
         for group in length_groups(seqs):
             out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in group], self.taps, last_only=True)
             for b, seq in enumerate(group):
-                token = self._sample_one(out.logits[b], seq)
+                logits = process_logits(out.logits[b][-1:], seq.params, seq.output_ids)  # (1, V)
+                token = self._sample_one(logits, seq)
                 if out.taps is not None:
                     seq.pending_features.append(out.taps[b])
-                self._emit(seq, [token])
+                self._emit(seq, [token], _logprobs(logits, [token], seq))
         stats.num_prefill = len(seqs)
         stats.prefill_s = time.perf_counter() - t0
 
     def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+        """One token from (1, V) logits."""
         if seq.params.greedy:
-            return int(logits[-1].argmax())
-        probs = probs_from_logits(logits[-1:], seq.params)
+            return int(logits[0].argmax())
+        probs = probs_from_logits(logits, seq.params)
         return int(sample(probs, seq.generator)[0])
 
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
@@ -204,13 +216,15 @@ class Engine:
         out = self.runner.forward(inputs, self.taps)
         for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
             probs = draft.probs[:n] if draft.probs is not None else None
-            res = verify(draft.tokens[:n], probs, out.logits[b], seq.params, seq.generator, seq.stop_ids)
+            # Penalties / logit bias first: drafts are judged by the processed target distribution.
+            logits = process_logits(out.logits[b], seq.params, seq.output_ids, draft.tokens[:n])  # (n+1, V)
+            res = verify(draft.tokens[:n], probs, logits, seq.params, seq.generator, seq.stop_ids)
             # Keep the anchor and the accepted drafts; the emitted token becomes the next anchor.
             self.cache.rollback(seq.slot, self.cache.lengths[seq.slot] - n + res.num_accepted)
             if out.taps is not None:
                 seq.pending_features.append(out.taps[b][: 1 + res.num_accepted])
             seq.record_round(n, res.num_accepted)
-            self._emit(seq, res.tokens)
+            self._emit(seq, res.tokens, _logprobs(logits, res.tokens, seq))
             stats.drafted += n
             stats.accepted += res.num_accepted
             stats.emitted += len(res.tokens)
@@ -244,16 +258,25 @@ class Engine:
         confidences = [None if d.confidences is None else d.confidences[:n] for d, n in zip(drafts, lengths)]
         return [min(a, b) for a, b in zip(self.policy(confidences, lengths, self.sps), lengths)]
 
-    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter()
         tokens = tokens[: seq.params.max_new_tokens - len(seq.output_ids)]
+        stopped = False
+        if seq.text is not None:  # stop strings: drop whatever follows the one that matched
+            delta = seq.text.push(tokens)
+            tokens, stopped = tokens[: delta.num_tokens], delta.stopped
         seq.output_ids.extend(tokens)
-        reason = finish_reason_of(seq.output_ids, seq.stop_ids, seq.params.max_new_tokens)
+        if logprobs is not None:
+            seq.logprobs.extend(logprobs[: len(tokens)])
+        reason = FinishReason.STOP if stopped else finish_reason_of(seq.output_ids, seq.stop_ids,
+                                                                    seq.params.max_new_tokens)
         if reason is None and self.cache.lengths[seq.slot] + 1 >= self.cache.max_len:
             reason = FinishReason.LENGTH  # the KV context is full
         if reason is not None:
             seq.finish_reason = reason
+            if seq.text is not None:
+                seq.text.flush()
         if seq.on_tokens is not None:
             seq.on_tokens(seq.seq_id, tokens, seq.finished)
 
@@ -292,6 +315,13 @@ def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
             groups.append([seq])
             real = n
     return groups
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], seq: Sequence) -> list[TokenLogprob] | None:
+    """Log-probs of the emitted `tokens` under the target rows that produced them, when asked."""
+    if seq.params.logprobs is None:
+        return None
+    return token_logprobs(logits, tokens, seq.params.logprobs)
 
 
 def _add_at(acc: list[int], values: list[int]) -> None:

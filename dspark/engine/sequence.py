@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 import torch
 
+from dspark.engine.stop import TextStream
+from dspark.spec.logits import TokenLogprob
 from dspark.spec.sampling import SamplingParams
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS or a stop token
+    STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_new_tokens or the context limit
     ABORT = "abort"
 
@@ -46,6 +48,8 @@ class Sequence:
     slot: int = -1
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
+    text: TextStream | None = None  # with stop strings: the output text, cut before the first one
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # per output token, when asked
     # Tapped target features of committed positions not yet handed to the proposer.
     pending_features: list[torch.Tensor] = dataclasses.field(default_factory=list)
     # Speculation bookkeeping.
@@ -103,6 +107,8 @@ class RequestOutput:
     decode_s: float  # admission to finish: what the user waits once the request is scheduled
     admit_time: float = 0.0  # perf_counter() at admission and at finish (for aggregating runs)
     finish_time: float = 0.0
+    text: str | None = None  # with stop strings: the text, cut before the stop (else decode token_ids)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when params.logprobs is set
 
     @property
     def mean_accepted_length(self) -> float:
@@ -125,4 +131,6 @@ class RequestOutput:
             ttft_s=(seq.first_token_s or end) - seq.arrival_s, e2e_s=end - seq.arrival_s,
             decode_s=end - (seq.admit_s or seq.arrival_s),
             admit_time=seq.admit_s or seq.arrival_s, finish_time=end,
+            text=seq.text.text if seq.text is not None else None,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )

@@ -10,6 +10,8 @@ import torch
 
 from dspark.errors import UserError
 
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -20,10 +22,26 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized output (engine/stop.py)
+    # Logit processing (spec/logits.py), applied to the target's logits before sampling and
+    # before verification, so drafts are judged against exactly the processed distribution.
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: off; k: each emitted token's log-prob and the top k
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
             raise UserError("temperature and top-p must be finite numbers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not (math.isfinite(b) and -100 <= b <= 100) for _, b in self.logit_bias):
+            raise UserError("logit bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
         if not self.temperature >= 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -36,6 +54,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Penalties or a logit bias change the target's logits (spec/logits.py)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
