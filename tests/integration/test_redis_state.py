@@ -89,21 +89,31 @@ def test_token_log_exactly_once(state: FleetState) -> None:
 
 
 def test_concurrent_appenders_never_duplicate(state: FleetState) -> None:
+    """Three writers race for the next offset until each has landed 20 tokens: every
+    success is in the log exactly once, at its offset, and nothing else is."""
     state.register("r")
+    landed: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    conflicts = [0]
 
     def writer(tag: int) -> None:
-        for _ in range(20):
+        while len(landed[tag]) < 20:
+            n = state.num_tokens("r")
             try:
-                n = state.num_tokens("r")
-                state.append_tokens("r", n, [tag * 1000 + n])
-            except TokenOffsetMismatch:
-                pass
+                assert state.append_tokens("r", n, [tag * 1000 + n]) == n + 1
+                landed[tag].append(n)
+            except TokenOffsetMismatch as e:
+                assert e.expected > n  # only ever lost to another writer's append
+                conflicts[0] += 1
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     tokens = state.read_tokens("r")
-    assert [t % 1000 for t in tokens] == list(range(len(tokens)))  # one token per offset
+    assert len(tokens) == state.num_tokens("r") == 60
+    assert [t % 1000 for t in tokens] == list(range(60))  # one token per offset
+    assert sorted(n for offsets in landed.values() for n in offsets) == list(range(60))
+    for tag, offsets in landed.items():
+        assert [tokens[n] for n in offsets] == [tag * 1000 + n for n in offsets]
 
 
 def test_every_key_has_a_ttl(state: FleetState) -> None:

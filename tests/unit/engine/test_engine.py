@@ -98,17 +98,40 @@ def test_draft_model_stops_at_its_first_doubtful_draft() -> None:
     assert drafts(cut) == full[:expect]
 
 
+class HistoryProposer:
+    """Drafts a mix of right and wrong tokens that depends only on the sequence's own
+    tokens (an RNG seeded by them), so the drafts, and with them how many uniforms each
+    round takes from the request's RNG, are the same whatever the batch holds."""
+
+    name, feature_layers = "history", ()
+
+    def start(self, seq_id: int, prompt_ids: list[int]) -> None: ...
+    def finish(self, seq_id: int) -> None: ...
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        out = []
+        for r in requests:
+            g = torch.Generator().manual_seed(sum((i + 1) * t for i, t in enumerate(r.token_ids)) % 2**31)
+            n = int(torch.randint(0, r.max_tokens + 1, (1,), generator=g)) if r.max_tokens else 0
+            toks = torch.randint(0, 96, (n,), generator=g).tolist()
+            if toks and torch.rand(1, generator=g) < 0.5:  # now and then the target's own token
+                toks[0] = reference_greedy(r.token_ids, 1)[0]
+            out.append(Draft(toks))
+        return out
+
+
 def test_output_does_not_depend_on_batch_companions() -> None:
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
+    """Sampled with a per-request RNG: the same seed gives the same tokens, all of them, in
+    any batch (drafts depend only on the sequence itself, see HistoryProposer)."""
     prompt = [9, 9, 4, 1]
-    alone = make_engine(ScriptedProposer(0)).generate([prompt], params)[0].token_ids
+    params = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 7, 2, 3)]
+    [alone] = make_engine(HistoryProposer()).generate([prompt], params[1])
     others = [[1, 2, 3], list(range(40, 60)), [77]]
-    mixed = make_engine(ScriptedProposer(0)).generate(
-        others[:1] + [prompt] + others[1:], [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s)
-                                             for s in (1, 7, 2, 3)])
-    # Sampled, but with a per-request RNG: the same seed gives the same tokens in any batch
-    # as long as drafts don't consume that RNG (the scripted proposer uses its own).
-    assert mixed[1].token_ids[:1] == alone[:1]
+    mixed = make_engine(HistoryProposer()).generate(others[:1] + [prompt] + others[1:], params)
+    assert len(alone.token_ids) == 16 and mixed[1].token_ids == alone.token_ids
+    assert mixed[1].num_drafted == alone.num_drafted > 0 and mixed[1].num_accepted == alone.num_accepted
+    # The companions are not copies of it: they do differ.
+    assert all(o.token_ids != alone.token_ids for i, o in enumerate(mixed) if i != 1)
 
 
 def test_continuous_batching_admits_more_requests_than_slots() -> None:
@@ -136,7 +159,8 @@ def test_streaming_callback_sees_every_token_once() -> None:
 
 def test_max_new_tokens_and_eos_are_respected() -> None:
     outs = make_engine(ScriptedProposer(3), block=8).generate([[1, 2, 3]], SamplingParams(max_new_tokens=5))
-    assert len(outs[0].token_ids) <= 5
+    assert reference_greedy([1, 2, 3], 5)[-1] not in EOS  # no early stop: exactly 5 tokens
+    assert outs[0].token_ids == reference_greedy([1, 2, 3], 5) and outs[0].finish_reason == "length"
     # stop on a token the model emits: use the first greedy token as a stop id
     first = reference_greedy([1, 2, 3], 1)[0]
     [o] = make_engine().generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, stop_token_ids=(first,)))

@@ -10,6 +10,16 @@ def test_ece_and_auroc_by_hand() -> None:
     obs = torch.tensor([1, 0, 0, 0])
     # bin 0.9: |0.9 - 0.5| * 2/4 = 0.2; bin 0.1: |0.1 - 0| * 2/4 = 0.05
     assert abs(ece(pred, obs) - 0.25) < 1e-6
+    # Unequal bins, gaps of both signs: 4 rounds at 0.9 (3 accepted: over-confident by 0.15)
+    # and 2 at 0.2 (1 accepted: under-confident by 0.3).
+    #   binned, weighted by bin size:  4/6 * 0.15 + 2/6 * 0.3 = 0.2
+    #   unweighted mean over bins:     (0.15 + 0.3) / 2       = 0.225
+    #   unbinned mean |pred - obs|:    (3 * 0.1 + 0.9 + 0.8 + 0.2) / 6 = 0.3667
+    #   signed gaps (no abs per bin):  4/6 * 0.15 - 2/6 * 0.3 = 0
+    pred = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.2, 0.2])
+    obs = torch.tensor([1, 1, 1, 0, 1, 0])
+    assert abs(ece(pred, obs) - 0.2) < 1e-6
+    assert abs(ece(pred[[0, 4, 1, 5, 2, 3]], obs[[0, 4, 1, 5, 2, 3]]) - 0.2) < 1e-6  # order-free
     assert auroc(torch.tensor([0.2, 0.8, 0.5]), torch.tensor([0, 1, 0])) == 1.0
     assert auroc(torch.tensor([0.5, 0.5]), torch.tensor([0, 1])) == 0.5
 
