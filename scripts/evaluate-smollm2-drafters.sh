@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 L=${1:-4}
 export OMP_NUM_THREADS=1
 DS=.venv/bin/dspark
-E=../shared/data/eval
+E=dspark/bench/eval
 DEV=${DSPARK_CACHE:-$HOME/.cache/dspark}/data/sharegpt/dev.jsonl
 CK=dspark/drafter/checkpoints/smollm2-135m-instruct
 R=docs/results

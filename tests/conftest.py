@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from services.state.server import RedisServer
 
 # Ray reads these when it is imported: set them before any test module imports ray, so every
-# Ray process binds 127.0.0.1 (TOOLING.md) and no test traffic leaves loopback.
+# Ray process binds 127.0.0.1 (docs/tooling.md) and no test traffic leaves loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

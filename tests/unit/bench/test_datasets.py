@@ -66,11 +66,9 @@ def test_missing_file(tmp_path: Path) -> None:
         load_prompts([tmp_path / "nope.jsonl"])
 
 
-def test_shared_eval_sets_load() -> None:
-    from dspark.paths import shared_eval_dir
+def test_shipped_eval_sets_load() -> None:
+    from dspark.paths import eval_dir
 
-    if not shared_eval_dir().is_dir():
-        pytest.skip("shared eval prompts not available")
-    prompts = load_prompts([shared_eval_dir()], limit_per_file=2)
+    prompts = load_prompts([eval_dir()], limit_per_file=2)
     assert {p.category for p in prompts} >= {"gsm8k", "humaneval", "math500", "mbpp", "mt-bench"}
     assert all(p.messages[-1]["role"] == "user" and p.text for p in prompts)

@@ -1,5 +1,5 @@
 """Greedy speculative output on the real SmolLM2 equals plain decoding, for every proposer
-we ship for it, on prompts of the shared eval sets (float32: exact equality)."""
+we ship for it, on prompts of the shipped eval sets (float32: exact equality)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from dspark.commands.common import EngineSpec, build_engine, load_target
 from dspark.drafter.checkpoint import default_checkpoint
-from dspark.paths import shared_eval_dir
+from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def setup():  # noqa: ANN201
     torch.set_num_threads(1)
     target = load_target(EngineSpec(model=MODEL))
     prompts = []
-    for f in sorted(shared_eval_dir().glob("*.jsonl")):
+    for f in sorted(eval_dir().glob("*.jsonl")):
         for line in f.read_text().splitlines()[:2]:
             msgs = [{"role": "user", "content": json.loads(line)["turns"][0]}]
             prompts.append(target.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))

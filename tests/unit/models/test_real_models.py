@@ -1,7 +1,7 @@
 """Real checkpoints against transformers loading the very same GGUF file (float32).
 
 Per model: full-prompt logits within 1e-3, greedy continuations of 10 chat-templated eval
-prompts (the first 2 of each shared eval file; DSPARK_EVAL_DIR overrides the folder) equal to
+prompts (the first 2 of each shipped eval file; DSPARK_EVAL_DIR overrides the folder) equal to
 transformers' `generate(do_sample=False)` on at least 9 of 10
 (we decode the 10 as one batch, transformers one by one, so a float near-tie may flip one),
 and chat-template ids equal to transformers' `apply_chat_template`.
@@ -24,13 +24,13 @@ import transformers
 
 from dspark.models.loader import LoadedModel, load_model
 from dspark.models.registry import get_spec
-from dspark.paths import cache_dir
+from dspark.paths import cache_dir, eval_dir
 from tests.unit.models.helpers import forward_logits, greedy_decode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow
 
-EVAL_DIR = Path(os.environ.get("DSPARK_EVAL_DIR", Path(__file__).resolve().parents[4] / "shared/data/eval"))
+EVAL_DIR = eval_dir()
 # (registry name, new tokens per greedy continuation)
 MODELS = [("smollm2-135m-instruct", 64), ("gemma3-270m", 64), ("qwen2.5-coder-0.5b-instruct", 64)]
 

