@@ -212,6 +212,14 @@ class FleetMetrics:
         self.request_success = self._counter(
             "request_success", "Finished requests by finish reason.", (*_REQUEST_LABELS, "finish_reason")
         )
+        self.request_failovers = self._counter(
+            "request_failovers",
+            "Requests re-prefilled on a healthy replica after a replica or KV hand-off failed mid-stream.",
+            _REQUEST_LABELS,
+        )
+        self.request_takeovers = self._counter(
+            "request_takeovers", "Requests continued from the token log after their router died.", _REQUEST_LABELS
+        )
 
     def _define_pool_metrics(self) -> None:
         self.generation_tokens = self._counter(
@@ -238,6 +246,8 @@ class FleetMetrics:
             self.generation_tokens.labels(pool)
             self.prompt_tokens.labels(pool)
         self.kv_transfer_bytes.labels(self.model)
+        self.request_failovers.labels(self.model)
+        self.request_takeovers.labels(self.model)
 
     # -- observations ------------------------------------------------------------------
 
@@ -308,6 +318,11 @@ class FleetMetrics:
         """Record one prefill -> target KV cache transfer."""
         self.kv_transfer_bytes.labels(self.model).inc(num_bytes)
         self.kv_transfer_seconds.labels(self.model).observe(seconds)
+
+    def observe_recovery(self, takeover: bool = False) -> None:
+        """Count a request that went on after a fault: a failover to a healthy replica, or
+        (`takeover`) a continuation from the log by another router."""
+        (self.request_takeovers if takeover else self.request_failovers).labels(self.model).inc()
 
     def observe_error(self, code: str | int) -> None:
         """Count a failed request; `code` is a gRPC code name or an HTTP status."""

@@ -143,6 +143,7 @@ class Router:
         spec = RequestSpec(record.request_id, json.loads(meta["prompt_ids"]), SamplingParams(**p),
                            meta.get("owner", ""))
         self.num_takeovers += 1
+        self.metrics.observe_recovery(takeover=True)
         names = self.pools.names
         await asyncio.gather(*(self._quietly(n, "free", spec.request_id) for n in names["target"]),
                              *(self._quietly(n, "finish", spec.request_id) for n in names["drafter"]))
@@ -402,6 +403,7 @@ class Router:
                     raise
                 log.warning("request %s: replica failed (%s: %s); re-prefilling", job.spec.request_id,
                             type(e).__name__, e)
+                self.metrics.observe_recovery()
             await self._recover(job)
         raise AssertionError("unreachable")
 
