@@ -112,7 +112,8 @@ def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine
         from dspark.spec.gate import DraftGate
 
         gate = DraftGate(sps)
-    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps, gate=gate)
+    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps, gate=gate,
+                    tokenizer=target.tokenizer)
     return target, engine, method
 
 

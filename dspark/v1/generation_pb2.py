@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64spark/v1/generation.proto\x12\tdspark.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.dspark.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc3\x01\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\x9f\x01\n\x12SpeculationOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x17\n\nblock_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rverify_policy\x18\x03 \x01(\t\x12!\n\x14\x63onfidence_threshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_block_sizeB\x17\n\x15_confidence_threshold\"G\n\x0bStopOptions\x12\x16\n\x0estop_token_ids\x18\x01 \x03(\x05\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"\xad\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.dspark.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.dspark.v1.TokenIdsH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.dspark.v1.SamplingOptions\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.dspark.v1.SpeculationOptions\x12$\n\x04stop\x18\x07 \x01(\x0b\x32\x16.dspark.v1.StopOptions\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x08\n\x06prompt\"d\n\tSpecStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x03 \x03(\x05\x12\x15\n\rverify_tokens\x18\x04 \x01(\x05\"t\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_target_forwards\x18\x03 \x01(\x05\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x02\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\"\n\x04step\x18\x05 \x01(\x0b\x32\x14.dspark.v1.SpecStats\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.dspark.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.dspark.v1.Usage\"3\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.dspark.v1.ModelInfo*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe1\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12\x41\n\x06Resume\x12\x18.dspark.v1.ResumeRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.dspark.v1.ListModelsRequest\x1a\x1d.dspark.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64spark/v1/generation.proto\x12\tdspark.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.dspark.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc2\x03\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).dspark.v1.SamplingOptions.LogitBiasEntry\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x07\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\x9f\x01\n\x12SpeculationOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x17\n\nblock_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rverify_policy\x18\x03 \x01(\t\x12!\n\x14\x63onfidence_threshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_block_sizeB\x17\n\x15_confidence_threshold\"G\n\x0bStopOptions\x12\x16\n\x0estop_token_ids\x18\x01 \x03(\x05\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"\xad\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.dspark.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.dspark.v1.TokenIdsH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.dspark.v1.SamplingOptions\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.dspark.v1.SpeculationOptions\x12$\n\x04stop\x18\x07 \x01(\x0b\x32\x16.dspark.v1.StopOptions\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x08\n\x06prompt\"d\n\tSpecStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x03 \x03(\x05\x12\x15\n\rverify_tokens\x18\x04 \x01(\x05\"t\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_target_forwards\x18\x03 \x01(\x05\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.dspark.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\"\n\x04step\x18\x05 \x01(\x0b\x32\x14.dspark.v1.SpecStats\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.dspark.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.dspark.v1.Usage\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.dspark.v1.TokenLogprob\"3\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.dspark.v1.ModelInfo*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe1\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12\x41\n\x06Resume\x12\x18.dspark.v1.ResumeRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.dspark.v1.ListModelsRequest\x1a\x1d.dspark.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dspark.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1532
-  _globals['_FINISHREASON']._serialized_end=1681
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2005
+  _globals['_FINISHREASON']._serialized_end=2154
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_CHATMESSAGES']._serialized_start=87
@@ -40,27 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=145
   _globals['_TOKENIDS']._serialized_end=168
   _globals['_SAMPLINGOPTIONS']._serialized_start=171
-  _globals['_SAMPLINGOPTIONS']._serialized_end=366
-  _globals['_SPECULATIONOPTIONS']._serialized_start=369
-  _globals['_SPECULATIONOPTIONS']._serialized_end=528
-  _globals['_STOPOPTIONS']._serialized_start=530
-  _globals['_STOPOPTIONS']._serialized_end=601
-  _globals['_GENERATEREQUEST']._serialized_start=604
-  _globals['_GENERATEREQUEST']._serialized_end=905
-  _globals['_SPECSTATS']._serialized_start=907
-  _globals['_SPECSTATS']._serialized_end=1007
-  _globals['_USAGE']._serialized_start=1009
-  _globals['_USAGE']._serialized_end=1125
-  _globals['_GENERATERESPONSE']._serialized_start=1128
-  _globals['_GENERATERESPONSE']._serialized_end=1332
-  _globals['_RESUMEREQUEST']._serialized_start=1334
-  _globals['_RESUMEREQUEST']._serialized_end=1385
-  _globals['_LISTMODELSREQUEST']._serialized_start=1387
-  _globals['_LISTMODELSREQUEST']._serialized_end=1406
-  _globals['_MODELINFO']._serialized_start=1408
-  _globals['_MODELINFO']._serialized_end=1469
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1471
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1529
-  _globals['_GENERATION']._serialized_start=1684
-  _globals['_GENERATION']._serialized_end=1909
+  _globals['_SAMPLINGOPTIONS']._serialized_end=621
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=453
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=501
+  _globals['_SPECULATIONOPTIONS']._serialized_start=624
+  _globals['_SPECULATIONOPTIONS']._serialized_end=783
+  _globals['_STOPOPTIONS']._serialized_start=785
+  _globals['_STOPOPTIONS']._serialized_end=856
+  _globals['_GENERATEREQUEST']._serialized_start=859
+  _globals['_GENERATEREQUEST']._serialized_end=1160
+  _globals['_SPECSTATS']._serialized_start=1162
+  _globals['_SPECSTATS']._serialized_end=1262
+  _globals['_USAGE']._serialized_start=1264
+  _globals['_USAGE']._serialized_end=1380
+  _globals['_TOKENLOGPROB']._serialized_start=1382
+  _globals['_TOKENLOGPROB']._serialized_end=1491
+  _globals['_TOPLOGPROB']._serialized_start=1493
+  _globals['_TOPLOGPROB']._serialized_end=1555
+  _globals['_GENERATERESPONSE']._serialized_start=1558
+  _globals['_GENERATERESPONSE']._serialized_end=1805
+  _globals['_RESUMEREQUEST']._serialized_start=1807
+  _globals['_RESUMEREQUEST']._serialized_end=1858
+  _globals['_LISTMODELSREQUEST']._serialized_start=1860
+  _globals['_LISTMODELSREQUEST']._serialized_end=1879
+  _globals['_MODELINFO']._serialized_start=1881
+  _globals['_MODELINFO']._serialized_end=1942
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1944
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2002
+  _globals['_GENERATION']._serialized_start=2157
+  _globals['_GENERATION']._serialized_end=2382
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Models (targets) this fleet serves, with the speculation methods each supports.
+        """Models (targets) this fleet serves, with the speculation method it runs for each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,36 +1,81 @@
 """OpenAI-compatible HTTP front (aiohttp): /v1/completions, /v1/chat/completions (with
 `stream: true` as SSE) and /v1/models, mapped onto the same request loop as gRPC.
-Each choice also carries `token_ids` (an extension, like vLLM's) so clients can check
-exactness."""
+
+Every field is honoured or refused with a 400 naming it (`services/security/openai_wire.py`);
+every error, 404/405/413 included, has OpenAI's shape `{"error": {message, type, param,
+code}}`. `n` > 1 runs n sequences of the same prompt side by side (each its own request in
+the loop, seed + i when seeded). The handler is cancelled when its client disconnects (the
+runner is built with `handler_cancellation`), which frees the KV slots of non-streaming
+requests too. docs/openai-compat.md lists each field.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 
+from services.config import FleetConfig
 from services.router.errors import RouterError
 from services.router.loop import Router, StepEvent
+from services.router.openai_format import Choice, Reply
 from services.router.security import EdgeSecurity
-from services.router.validate import Limits, RequestSpec, encode_prompt, invalid, make_spec
-from services.security.http_guard import KEY_NAME
+from services.router.validate import Limits, RequestSpec, encode_prompt, make_spec
+from services.security.http_guard import KEY_NAME, error_body
+from services.security.validation import ValidRequest
+
+# aiohttp's own refusals (no route, wrong method, body over client_max_size) -> OpenAI codes.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-def _error(e: RouterError) -> web.Response:
-    return web.json_response({"error": {"message": e.message, "type": e.code.lower(), "code": e.code}},
-                             status=e.http_status)
+def error_response(e: RouterError) -> web.Response:
+    return web.json_response(error_body(e.code, e.message, e.param), status=e.http_status)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Outermost middleware: aiohttp's HTTP errors in OpenAI's error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        body = error_body("INVALID_ARGUMENT", f"{e.reason} ({request.method} {request.path})")
+        body["error"]["code"] = HTTP_ERROR_CODES.get(e.status, str(e.status))
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return web.json_response(body, status=e.status, headers=headers)
+
+
+def fingerprint(cfg: FleetConfig) -> str:
+    """`system_fingerprint`: changes whenever what produces the tokens changes."""
+    what = [_version(), cfg.model, cfg.dtype, cfg.method, cfg.block_size, cfg.verify_policy,
+            cfg.drafter_checkpoint, cfg.draft_model]
+    return "fp_" + hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:12]
+
+
+def _version() -> str:
+    try:
+        return version("dspark")
+    except PackageNotFoundError:
+        return "dev"
 
 
 class OpenAIFront:
     def __init__(self, router: Router, limits: Limits, edge: EdgeSecurity) -> None:
         self.router, self.limits, self.edge = router, limits, edge
+        self.fingerprint = fingerprint(router.cfg)
 
     def app(self) -> web.Application:
         # The guard middleware authenticates and rate-limits every path but /health.
-        app = web.Application(middlewares=self.edge.http_middlewares())
+        app = web.Application(middlewares=[openai_errors, *self.edge.http_middlewares()])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -51,7 +96,7 @@ class OpenAIFront:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.limits.model, "object": "model", "owned_by": "dspark",
+            {"id": self.limits.model, "object": "model", "created": 0, "owned_by": "dspark",
              "max_model_len": self.limits.max_context}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -60,98 +105,104 @@ class OpenAIFront:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=True)
 
-    def _spec(self, body: Any, chat: bool, owner: str) -> RequestSpec:
-        self.edge.check_openai(body, chat, self.limits)  # sizes, types, UTF-8, ranges
-        if not isinstance(body, dict):
-            raise invalid("the body must be a JSON object")
-        tok = self.router.tokenizer
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list):
-                raise invalid("`messages` must be a list")
-            prompt = encode_prompt(tok, messages=messages)
-        else:
-            p = body.get("prompt")
-            if isinstance(p, list) and all(isinstance(t, int) for t in p):
-                prompt = encode_prompt(tok, token_ids=p)
-            elif isinstance(p, str):
-                prompt = encode_prompt(tok, text=p)
-            else:
-                raise invalid("`prompt` must be a string or a list of token ids")
-        n = body.get("max_completion_tokens", body.get("max_tokens"))
-        try:
-            return make_spec(
-                self.limits, prompt, model=body.get("model") or "",
-                temperature=body.get("temperature", 1.0), top_p=body.get("top_p"),
-                top_k=body.get("top_k"), seed=body.get("seed"),
-                max_new_tokens=None if n is None else int(n),
-                stop_token_ids=tuple(body.get("stop_token_ids") or ()),
-                ignore_eos=bool(body.get("ignore_eos", False)), owner=owner)
-        except (TypeError, ValueError) as e:
-            raise invalid(f"bad parameter: {e}") from None
+    def _specs(self, body: Any, chat: bool, owner: str) -> tuple[ValidRequest, list[RequestSpec]]:
+        req = self.edge.check_openai(body, chat, self.limits)  # every field, before tokenizing
+        prompt = encode_prompt(self.router.tokenizer, req)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        return req, [make_spec(self.limits, req, prompt, rid, owner, choice=i) for i in range(req.n)]
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        created = int(time.time())
         try:
             try:
                 # Our own parser: aiohttp's request.json() lets a deeply nested body escape as
                 # RecursionError (HTTP 500).
                 body = self.edge.parse_body(await request.read())
-                spec = self._spec(body, chat, request.get(KEY_NAME) or "")
-                if body.get("stop"):
-                    raise invalid("stop strings are not supported yet; use stop_token_ids")
+                req, specs = self._specs(body, chat, request.get(KEY_NAME) or "")
             except RouterError as e:  # rejected before the request loop (which counts its own)
                 self.router.metrics.observe_error(e.code)
                 raise
-            stream = self.router.generate(spec)
-            if body.get("stream"):
-                return await self._stream(request, spec, stream, chat)
-            return await self._collect(spec, stream, chat)
+            reply = Reply(chat, specs[0].request_id, created, self.limits.model, self.fingerprint,
+                          req.logprobs is not None, self._token_text)
+            events = merged([self.router.generate(s) for s in specs])
+            if req.stream:
+                return await self._stream(request, reply, events, len(specs), req.include_usage,
+                                          len(specs[0].prompt_ids))
+            return await self._collect(reply, events, len(specs), len(specs[0].prompt_ids))
         except RouterError as e:
-            return _error(e)
+            return error_response(e)
 
-    async def _collect(self, spec: RequestSpec, stream: Any, chat: bool) -> web.Response:
-        text, ids, last = [], [], None
-        async for ev in stream:
-            text.append(ev.text)
-            ids += ev.token_ids
-            last = ev
-        return web.json_response(_body(spec, chat, "".join(text), ids, last, delta=False))
+    def _token_text(self, token_id: int) -> str:
+        return self.router.tokenizer.decode([token_id])
 
-    async def _stream(self, request: web.Request, spec: RequestSpec, stream: Any,
-                      chat: bool) -> web.StreamResponse:
-        # Pull the first event before sending headers: admission errors (429, 503) keep
-        # their HTTP status instead of turning into an in-band error.
-        first = await anext(stream)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        try:
-            ev: StepEvent | None = first
-            while ev is not None:
-                chunk = _body(spec, chat, ev.text, ev.token_ids, ev if ev.finish_reason else None, delta=True)
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                ev = await anext(stream, None)
-        except RouterError as e:
-            await resp.write(f"data: {json.dumps({'error': {'message': e.message, 'code': e.code}})}\n\n"
-                             .encode())
-        finally:
-            await stream.aclose()
+    async def _collect(self, reply: Reply, events: AsyncIterator[tuple[int, StepEvent]], n: int,
+                       prompt_tokens: int) -> web.Response:
+        choices = [Choice(i) for i in range(n)]
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for i, ev in events:
+                choices[i].add(ev)
+        return web.json_response(reply.body(choices, prompt_tokens))
+
+    async def _stream(self, request: web.Request, reply: Reply, events: AsyncIterator[tuple[int, StepEvent]],
+                      n: int, include_usage: bool, prompt_tokens: int) -> web.StreamResponse:
+        choices = [Choice(i) for i in range(n)]
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            # Pull the first event before sending headers: admission errors (429, 503) keep
+            # their HTTP status instead of turning into an in-band error.
+            first = await anext(events)
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            try:
+                item: tuple[int, StepEvent] | None = first
+                while item is not None:
+                    i, ev = item
+                    choices[i].add(ev)
+                    await _send(resp, reply.chunk(choices[i], ev, include_usage))
+                    item = await anext(events, None)
+                if include_usage:
+                    await _send(resp, reply.usage_chunk(choices, prompt_tokens))
+            except RouterError as e:
+                await _send(resp, error_body(e.code, e.message, e.param))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
 
-def _body(spec: RequestSpec, chat: bool, text: str, ids: list[int], last: StepEvent | None,
-          delta: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "token_ids": ids,
-                              "finish_reason": last.finish_reason if last else None}
-    if chat:
-        choice["delta" if delta else "message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    kind = "chat.completion" if chat else "text_completion"
-    out: dict[str, Any] = {"id": spec.request_id, "object": kind + (".chunk" if delta and chat else ""),
-                           "created": int(time.time()), "model": "", "choices": [choice]}
-    if last is not None:
-        out["usage"] = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                        "total_tokens": last.prompt_tokens + last.completion_tokens,
-                        "mean_accepted_length": last.mean_accepted_length}
-    return out
+async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+
+async def merged(streams: list[AsyncIterator[StepEvent]]) -> AsyncIterator[tuple[int, StepEvent]]:
+    """(choice index, event) from n streams as they come; the first error ends them all.
+    Closing (or cancelling) this generator cancels every stream, which frees their KV."""
+    if len(streams) == 1:  # the common case: no tasks, no queue
+        async with contextlib.aclosing(streams[0]):  # type: ignore[type-var]
+            async for ev in streams[0]:
+                yield 0, ev
+        return
+    queue: asyncio.Queue[tuple[int, StepEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[StepEvent]) -> None:
+        try:
+            async for ev in stream:
+                await queue.put((i, ev))
+            await queue.put((i, None))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

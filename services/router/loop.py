@@ -30,15 +30,17 @@ from typing import Any, TypeVar
 import ray.exceptions
 
 from dspark.engine.sequence import finish_reason_of, stop_token_ids
+from dspark.engine.stop import TextStream
 from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
+from dspark.spec.logits import TokenLogprob
 from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
 from services.metrics import FleetMetrics
 from services.router.errors import RouterError
 from services.router.pools import WorkerPools
-from services.router.validate import RequestSpec
+from services.router.validate import RequestSpec, params_from_json, params_to_json
 from services.state.redis_state import (
     FleetState,
     RequestStatus,
@@ -46,7 +48,7 @@ from services.state.redis_state import (
     StateUnavailable,
     UnknownRequest,
 )
-from services.workers.messages import ProposeCall, StateLost, VerifyCall, VerifyReply, WorkerInfo
+from services.workers.messages import PrefillResult, ProposeCall, StateLost, VerifyCall, VerifyReply, WorkerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +72,7 @@ class StepEvent:
     num_target_forwards: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asks
 
     @property
     def mean_accepted_length(self) -> float:
@@ -81,7 +84,9 @@ class StepEvent:
 @dataclasses.dataclass
 class _Job:
     spec: RequestSpec
+    text: TextStream  # committed tokens -> client text, cut at the first stop string
     committed: list[int] = dataclasses.field(default_factory=list)
+    first: PrefillResult | None = None  # the prefill's answer, until its token is committed
     target: str = ""
     drafter: str = ""
     drafter_info: WorkerInfo | None = None
@@ -138,17 +143,26 @@ class Router:
         meta = record.meta
         if "prompt_ids" not in meta or "params" not in meta:
             raise RouterError("NOT_FOUND", f"request {record.request_id} cannot be continued")
-        p = json.loads(meta["params"])
-        p["stop_token_ids"] = tuple(p.get("stop_token_ids") or ())
-        spec = RequestSpec(record.request_id, json.loads(meta["prompt_ids"]), SamplingParams(**p),
-                           meta.get("owner", ""))
+        block = meta.get("block_size")
+        spec = RequestSpec(record.request_id, json.loads(meta["prompt_ids"]), params_from_json(meta["params"]),
+                           meta.get("owner", ""), None if block in (None, "") else int(block))
         self.num_takeovers += 1
         self.metrics.observe_recovery(takeover=True)
         names = self.pools.names
         await asyncio.gather(*(self._quietly(n, "free", spec.request_id) for n in names["target"]),
                              *(self._quietly(n, "finish", spec.request_id) for n in names["drafter"]))
-        async for event in self._counted(self._drive(_Job(spec, committed=list(committed)), time.perf_counter())):
+        job = _Job(spec, self.text_stream(spec.params), committed=list(committed))
+        async for event in self._counted(self._drive(job, time.perf_counter())):
             yield event
+
+    def text_stream(self, params: SamplingParams) -> TextStream:
+        """The library's stop-string detokenizer for a request (Resume replays through it too)."""
+        return TextStream(self.tokenizer, params.stop)
+
+    @staticmethod
+    def params_of(meta: dict[str, Any]) -> SamplingParams | None:
+        """A registered request's sampling parameters (None for entries without them)."""
+        return params_from_json(meta["params"]) if "params" in meta else None
 
     def capacity(self) -> int:
         """Requests generating at once: the configured limit, and never more than the
@@ -184,10 +198,10 @@ class Router:
 
     def _meta(self, spec: RequestSpec) -> dict[str, Any]:
         """Registry metadata: enough for any router to continue the request (JSON only)."""
-        params = dataclasses.asdict(spec.params)
-        params["stop_token_ids"] = list(params["stop_token_ids"])
-        return {"prompt_tokens": len(spec.prompt_ids), "model": self.cfg.model, "router": self.router_id,
-                "owner": spec.owner, "prompt_ids": json.dumps(spec.prompt_ids), "params": json.dumps(params)}
+        meta = {"prompt_tokens": len(spec.prompt_ids), "model": self.cfg.model, "router": self.router_id,
+                "owner": spec.owner, "prompt_ids": json.dumps(spec.prompt_ids),
+                "params": params_to_json(spec.params)}
+        return meta if spec.block_size is None else {**meta, "block_size": spec.block_size}
 
     async def _generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
         t0 = time.perf_counter()
@@ -195,12 +209,12 @@ class Router:
             await self._redis(self.state.register, spec.request_id, self._meta(spec))
         except StateConflict:
             raise RouterError("ALREADY_EXISTS", f"request {spec.request_id} already exists") from None
-        async for event in self._drive(_Job(spec), t0):
+        async for event in self._drive(_Job(spec, self.text_stream(spec.params)), t0):
             yield event
 
     async def _drive(self, job: _Job, t0: float) -> AsyncIterator[StepEvent]:
         """Admission (or re-admission from the log), then speculative steps until done."""
-        spec, decoder = job.spec, self.tokenizer.stream_decoder()
+        spec = job.spec
         stamps: list[float] = []
         status, reason = RequestStatus.FAILED, "error"
         try:
@@ -208,32 +222,34 @@ class Router:
                 await self._set_prefilling(spec.request_id)
                 await self._admit_until_deadline(job)
                 await self._redis(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
-                first = job.committed[:]
-                await self._redis(self.state.append_tokens, spec.request_id, 0, first)
+                pres, job.first = job.first, None
+                assert pres is not None
+                ev = self._commit(job, [pres.first_token], pres.finish_reason, pres.logprobs)
+                await self._redis(self.state.append_tokens, spec.request_id, 0, ev.token_ids)
+                job.committed = list(ev.token_ids)
                 stamps.append(time.perf_counter())
-                yield self._event(job, 0, first, decoder, StepEvent(spec.request_id, 0, []))
+                yield self._finish_event(job, ev)
             else:  # continuing from the log: the client already has (or replays) those tokens
-                decoder.push(job.committed)
                 job.finish_reason = self._finished_by_log(job)
                 if job.finish_reason is None:
                     await self._recover(job)
                 else:
-                    yield self._event(job, len(job.committed), [], decoder,
-                                      StepEvent(spec.request_id, len(job.committed), []))
+                    yield self._finish_event(job, StepEvent(spec.request_id, len(job.committed), [],
+                                                            job.text.flush()))
             while job.finish_reason is None:
                 offset = len(job.committed)
                 reply = await self._step(job)
-                await self._redis(self.state.append_tokens, spec.request_id, offset, reply.tokens)
-                job.committed += reply.tokens
+                ev = self._commit(job, reply.tokens, reply.finish_reason, reply.logprobs)
+                ev.drafted, ev.accepted, ev.verify_tokens = reply.drafted, reply.accepted, reply.verify_tokens
+                await self._redis(self.state.append_tokens, spec.request_id, offset, ev.token_ids)
+                job.committed += ev.token_ids
                 job.num_forwards += 1
-                job.finish_reason = reply.finish_reason
                 stamps.append(time.perf_counter())
-                yield self._event(job, offset, reply.tokens, decoder, StepEvent(
-                    spec.request_id, offset, [], drafted=reply.drafted, accepted=reply.accepted,
-                    verify_tokens=reply.verify_tokens))
+                yield self._finish_event(job, ev)
             status, reason = RequestStatus.FINISHED, job.finish_reason
         except (asyncio.CancelledError, GeneratorExit):
             status, reason = RequestStatus.CANCELLED, "abort"
+            self.metrics.observe_error("CANCELLED")
             raise
         except RouterError as e:
             self.metrics.observe_error(e.code)
@@ -254,9 +270,11 @@ class Router:
                                          time.perf_counter() - t0, 0.0, reason)
 
     def _finished_by_log(self, job: _Job) -> str | None:
-        """The engine's stop rule applied to the log (a router may die after logging the
-        last token but before recording the finish)."""
+        """The engine's stop rules applied to the log (a router may die after logging the
+        last token but before recording the finish); also primes the text stream."""
         p = job.spec.params
+        if job.text.push(job.committed).stopped:
+            return "stop"
         reason = finish_reason_of(job.committed, stop_token_ids(p, self.eos_token_ids), p.max_new_tokens)
         return None if reason is None else reason.value
 
@@ -266,9 +284,19 @@ class Router:
         except StateConflict:  # already PREFILLING: a request taken over mid-admission
             pass
 
-    def _event(self, job: _Job, offset: int, tokens: list[int], decoder: Any, ev: StepEvent) -> StepEvent:
-        ev.offset, ev.token_ids = offset, list(tokens)
-        ev.text = decoder.push(tokens) + (decoder.flush() if job.finish_reason else "")
+    def _commit(self, job: _Job, tokens: list[int], finish_reason: str | None,
+                logprobs: list[TokenLogprob] | None) -> StepEvent:
+        """A step's tokens as the client sees them: through the library's stop-string check
+        (tokens a speculative round accepted past a stop string are dropped, never logged),
+        with their text and log-probs. Sets the job's finish reason."""
+        delta = job.text.push(tokens)
+        tokens = list(tokens[: delta.num_tokens])
+        job.finish_reason = "stop" if delta.stopped else finish_reason
+        text = delta.text + (job.text.flush() if job.finish_reason else "")
+        return StepEvent(job.spec.request_id, len(job.committed), tokens, text,
+                         logprobs=None if logprobs is None else list(logprobs[: len(tokens)]))
+
+    def _finish_event(self, job: _Job, ev: StepEvent) -> StepEvent:
         if job.finish_reason:
             ev.finish_reason = job.finish_reason
             ev.num_target_forwards = job.num_forwards
@@ -290,12 +318,13 @@ class Router:
         dinfo = await self._drafter_info(job)
         layers = dinfo.feature_layers if dinfo is not None else ()
         tokens = spec.prompt_ids + committed[:-1]
-        calls = [self._call(prefill, "prefill", spec.request_id, tokens, spec.params, tinfo.peer_id,
+        params = spec.worker_params
+        calls = [self._call(prefill, "prefill", spec.request_id, tokens, params, tinfo.peer_id,
                             dinfo.peer_id if layers else None, layers),
                  self._call(job.target, "receive", spec.request_id, pinfo.peer_id, spec.prompt_ids,
-                            spec.params, committed or None, layers)]
+                            params, committed or None, layers)]
         if dinfo is not None:
-            start = self._call(job.drafter, "start", spec.request_id, spec.prompt_ids, spec.params,
+            start = self._call(job.drafter, "start", spec.request_id, spec.prompt_ids, params,
                                pinfo.peer_id if layers else None)
             # A feature-reading drafter must take the prefill's stream: no timeout of our own.
             calls.append(start if layers else asyncio.wait_for(start, self.cfg.drafter_timeout_s))
@@ -310,13 +339,12 @@ class Router:
             if layers or not _recoverable(results[2]):
                 raise results[2]
             self._drop_drafter(job, results[2])
-        pres, job.max_drafts = results[0], results[1]
+        pres, job.max_drafts = results[0], self._cap(job, results[1])
         self.metrics.observe_prefill(time.perf_counter() - t0)
         self.metrics.observe_kv_transfer(pres.kv_bytes, pres.transfer_s)
         self.metrics.count_tokens("prefill", len(tokens), 0 if committed else 1)
         if not committed:
-            job.committed = [pres.first_token]
-            job.finish_reason = pres.finish_reason
+            job.first = pres  # committed by _drive, through the stop-string check
 
     async def _admit_until_deadline(self, job: _Job) -> None:
         """`_admit`, retried while replicas die or restart (e.g. a prefill replica killed
@@ -376,8 +404,8 @@ class Router:
             info = await asyncio.wait_for(self._call(name, "info"), self.cfg.drafter_timeout_s)
             if not info.feature_layers:
                 started = True
-                await asyncio.wait_for(self._call(name, "start", spec.request_id, spec.prompt_ids, spec.params,
-                                                  None), self.cfg.drafter_timeout_s)
+                await asyncio.wait_for(self._call(name, "start", spec.request_id, spec.prompt_ids,
+                                                  spec.worker_params, None), self.cfg.drafter_timeout_s)
                 job.drafter, job.drafter_info, job.avoid = name, info, set()
                 self.pools.load[name] += 1
                 log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
@@ -437,7 +465,7 @@ class Router:
         except Exception:
             job.avoid = {job.target}
             raise
-        job.max_drafts = reply.max_drafts
+        job.max_drafts = self._cap(job, reply.max_drafts)
         job.features = reply.features if job.drafter else None
         self.metrics.observe_step({
             "drafted": reply.drafted, "accepted": reply.accepted,
@@ -446,6 +474,12 @@ class Router:
             "verify_seconds": time.perf_counter() - t1})
         self.metrics.count_tokens("target", 0, len(reply.tokens))
         return reply
+
+    @staticmethod
+    def _cap(job: _Job, max_drafts: int) -> int:
+        """The request's own block size caps the drafts the target allows."""
+        block = job.spec.block_size
+        return max_drafts if block is None else min(max_drafts, block)
 
     async def _recover(self, job: _Job) -> None:
         await self._release_workers(job)

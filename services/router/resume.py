@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from dspark.spec.sampling import SamplingParams
 from services.router.errors import RouterError
 from services.router.loop import Router, StepEvent
 from services.router.validate import MAX_REQUEST_ID_LEN, invalid
@@ -68,11 +69,11 @@ class Continuity:
     async def resume(self, request_id: str, offset: int, owner: str) -> AsyncIterator[StepEvent]:
         """Events from `offset` on: the log's tokens, then (after a takeover) new ones."""
         if offset < 0:
-            raise invalid("offset must be >= 0")
+            raise invalid("offset must be >= 0", "offset")
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-            raise invalid("request_id must be printable and 1-128 characters")
-        redis, decode = self.router._redis, self.router.tokenizer.decode
-        first = True
+            raise invalid("request_id must be printable and 1-128 characters", "request_id")
+        redis = self.router._redis
+        first, text = True, None
         while True:
             try:
                 record = await redis(self.state.get, request_id)
@@ -81,8 +82,11 @@ class Continuity:
             if record.meta.get("owner", "") != owner:  # someone else's request: not ours to see
                 raise RouterError("NOT_FOUND", f"no request {request_id}")
             if first and offset > await redis(self.state.num_tokens, request_id):
-                raise invalid(f"offset {offset} is past the {request_id} token log")
+                raise invalid(f"offset {offset} is past the {request_id} token log", "offset")
             first = False
+            if text is None:  # Generate's own text rules: special tokens skipped, stop strings cut
+                text = self.router.text_stream(self.router.params_of(record.meta) or SamplingParams())
+                text.push((await redis(self.state.read_tokens, request_id))[:offset] if offset else [])
             done = record.status.terminal
             router_id = record.meta.get("router", "")
             if not done and not await self._alive(router_id):
@@ -90,7 +94,7 @@ class Continuity:
                     log.warning("request %s: router %s is gone; continuing it here", request_id, router_id)
                     committed = await redis(self.state.read_tokens, request_id)
                     if len(committed) > offset:
-                        yield StepEvent(request_id, offset, committed[offset:], decode(committed[offset:]))
+                        yield StepEvent(request_id, offset, committed[offset:], text.push(committed[offset:]).text)
                     async for ev in self.router.continue_request(record, committed):
                         yield ev
                     return
@@ -98,7 +102,8 @@ class Continuity:
             tokens = await redis(self.state.read_tokens, request_id, offset)
             if tokens or done:
                 reason = record.meta.get("finish_reason") if done else None
-                yield StepEvent(request_id, offset, tokens, decode(tokens), finish_reason=reason)
+                delta = text.push(tokens).text + (text.flush() if done else "")
+                yield StepEvent(request_id, offset, tokens, delta, finish_reason=reason)
                 offset += len(tokens)
             if done:
                 return

@@ -9,8 +9,8 @@ Integration (the router's server.py and fronts), all opt-in through the config:
     app = web.Application(middlewares=edge.http_middlewares())
     site = web.TCPSite(runner, host, http_port, ssl_context=edge.http_ssl_context())
     # in GenerationService._spec / OpenAIFront._spec, before tokenizing:
-    edge.check_grpc(request, limits)      /    body = edge.parse_body(await request.read())
-                                               edge.check_openai(body, chat, limits)
+    req = edge.check_grpc(request, limits)   /   body = edge.parse_body(await request.read())
+                                                 req = edge.check_openai(body, chat, limits)
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from services.security.auth import ApiKeyAuth
 from services.security.config import SecurityConfig
 from services.security.grpc_guard import GrpcGuard
 from services.security.http_guard import http_guard
+from services.security.openai_wire import from_openai, openai_param
 from services.security.validation import (
     RequestError,
     RequestLimits,
-    from_openai,
+    ValidRequest,
     from_proto,
     parse_json,
     validate_request,
@@ -78,25 +79,35 @@ class EdgeSecurity:
         return RequestLimits(max_context=limits.max_context, max_new_tokens=limits.max_new_tokens,
                              default_max_new_tokens=limits.default_max_new_tokens,
                              max_prompt_bytes=self.cfg.max_prompt_bytes, max_messages=self.cfg.max_messages,
-                             vocab_size=limits.vocab_size, models=frozenset({limits.model}))
+                             vocab_size=limits.vocab_size, models=frozenset({limits.model}),
+                             methods=frozenset({limits.method}), max_block_size=limits.block_size,
+                             verify_policies=frozenset({limits.verify_policy}),
+                             confidence_threshold=limits.confidence_threshold
+                             if limits.verify_policy == "threshold" else None)
 
-    def check_grpc(self, request: Any, limits: Limits) -> None:
-        self._check(lambda: from_proto(request), limits)
+    def check_grpc(self, request: Any, limits: Limits) -> ValidRequest:
+        return self._check(lambda: from_proto(request), limits)
 
-    def check_openai(self, body: Any, chat: bool, limits: Limits) -> None:
-        self._check(lambda: from_openai(body, chat), limits)
+    def check_openai(self, body: Any, chat: bool, limits: Limits) -> ValidRequest:
+        try:
+            return self._check(lambda: from_openai(body, chat), limits)
+        except RouterError as e:  # name the field as the client spelled it
+            param = openai_param(e.param, body)
+            if param == e.param or e.param is None or param is None:
+                raise
+            raise RouterError(e.code, e.message.replace(e.param, param), param) from None
 
     @staticmethod
     def parse_body(data: bytes) -> Any:
         try:
             return parse_json(data)
         except RequestError as e:
-            raise RouterError(e.code, e.message) from None
+            raise RouterError(e.code, e.message, e.param) from None
 
-    def _check(self, raw: Any, limits: Limits) -> None:
+    def _check(self, raw: Any, limits: Limits) -> ValidRequest:
         # Not counted here: the fronts count every RouterError raised while building a spec.
         try:
-            validate_request(raw(), self.request_limits(limits))
+            return validate_request(raw(), self.request_limits(limits))
         except RequestError as e:
-            raise RouterError(e.code, e.message) from None
+            raise RouterError(e.code, e.message, e.param) from None
 

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from dspark.models.loader import resolve_model_dir
 from dspark.models.tokenizer import Tokenizer
-from dspark.spec.proposer import proposer_names
 from dspark.v1 import generation_pb2_grpc as pb_grpc
 from services.config import FleetConfig
 from services.grpc_util import add_health_and_reflection
@@ -57,13 +56,15 @@ class RouterServer:
         edge = self.edge
         self.grpc_server = grpc.aio.server(interceptors=edge.grpc_interceptors())
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(self.router, limits, ["ar", *proposer_names()], edge, self.continuity),
+            GenerationService(self.router, limits, [self.cfg.method], edge, self.continuity),
             self.grpc_server)
         add_health_and_reflection(self.grpc_server, [SERVICE_NAME])
         bound_grpc = edge.add_grpc_port(self.grpc_server, f"{host}:{grpc_port}")
         await self.grpc_server.start()
 
-        self.http_runner = web.AppRunner(OpenAIFront(self.router, limits, edge).app())
+        # handler_cancellation: a client that hangs up cancels its handler, so a non-streaming
+        # request stops generating and frees its KV slot instead of running to the end.
+        self.http_runner = web.AppRunner(OpenAIFront(self.router, limits, edge).app(), handler_cancellation=True)
         await self.http_runner.setup()
         site = web.TCPSite(self.http_runner, host, http_port, ssl_context=edge.http_ssl_context())
         await site.start()

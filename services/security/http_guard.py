@@ -19,8 +19,8 @@ from services.security.validation import RequestError
 KEY_NAME = web.RequestKey("dspark_key_name", str)
 EXEMPT_PATHS = frozenset({"/health", "/healthz", "/metrics"})
 
-# OpenAI's `type` and `code` for each status we send.
-_OPENAI_KIND: dict[str, tuple[str, str | None]] = {
+# OpenAI's `type` and `code` for each status we send (the router's own errors included).
+OPENAI_KIND: dict[str, tuple[str, str | None]] = {
     "INVALID_ARGUMENT": ("invalid_request_error", None),
     "UNAUTHENTICATED": ("invalid_request_error", "invalid_api_key"),
     "NOT_FOUND": ("invalid_request_error", "model_not_found"),
@@ -28,20 +28,27 @@ _OPENAI_KIND: dict[str, tuple[str, str | None]] = {
     "CANCELLED": ("cancelled", None),
     "UNAVAILABLE": ("server_error", "service_unavailable"),
     "DEADLINE_EXCEEDED": ("timeout", None),
+    "ALREADY_EXISTS": ("invalid_request_error", "already_exists"),
+    "INTERNAL": ("server_error", "internal_error"),
 }
+
+
+def error_body(code: str, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape, `{"error": {message, type, param, code}}`, for every error."""
+    kind, openai_code = OPENAI_KIND.get(code, ("server_error", None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": openai_code or code}}
 
 
 def error_response(error: RequestError) -> web.Response:
     """`{"error": {message, type, param, code}}` with the code's HTTP status and, where they
     help a client recover, `WWW-Authenticate` / `Retry-After`."""
-    kind, code = _OPENAI_KIND[error.code]
     headers = {}
     if error.code == "UNAUTHENTICATED":
         headers["WWW-Authenticate"] = 'Bearer realm="dspark"'
     if isinstance(error, RateLimited):
         headers["Retry-After"] = error.retry_after_header
-    body = {"error": {"message": error.message, "type": kind, "param": None, "code": code or error.code}}
-    return web.json_response(body, status=error.http_status, headers=headers)
+    return web.json_response(error_body(error.code, error.message, error.param), status=error.http_status,
+                             headers=headers)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from dspark.spec.logits import TokenLogprob
 from dspark.spec.proposer import Draft
 
 
@@ -35,6 +36,7 @@ class PrefillResult:
     kv_bytes: int
     prefill_s: float
     transfer_s: float
+    logprobs: list[TokenLogprob] | None = None  # of the first token, when the request asks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +64,4 @@ class VerifyReply:
     finish_reason: str | None
     features: torch.Tensor | None  # tapped features of the newly committed positions
     verify_s: float
+    logprobs: list[TokenLogprob] | None = None  # one per token (target's), when the request asks

@@ -67,4 +67,5 @@ class PrefillWorker:
                 self.engine.cache.free(seq.slot)
         elem = self.kv_spec.dtype.itemsize * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
         reason = seq.finish_reason.value if seq.finished else None
-        return PrefillResult(first, reason, n, 2 * self.kv_spec.num_layers * n * elem, t1 - t0, t2 - t1)
+        return PrefillResult(first, reason, n, 2 * self.kv_spec.num_layers * n * elem, t1 - t0, t2 - t1,
+                             list(seq.logprobs) if params.logprobs is not None else None)

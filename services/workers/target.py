@@ -115,7 +115,8 @@ class TargetWorker:
                     verify_tokens=1 + drafted, batch_size=len(seqs),
                     max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
                     finish_reason=seq.finish_reason.value if seq.finished else None,
-                    features=features, verify_s=stats.verify_s)
+                    features=features, verify_s=stats.verify_s,
+                    logprobs=_new_logprobs(seq, len(seq.output_ids) - n_out))
         return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
                                                        f"{c.request_id}") for c in calls]
 
@@ -130,3 +131,9 @@ class TargetWorker:
             self.engine.cache.free(seq.slot)
         return seq is not None
 
+
+def _new_logprobs(seq: Sequence, num_new: int) -> list | None:
+    """Log-probs of the last `num_new` tokens (the sequence holds none for the prefill's first)."""
+    if seq.params.logprobs is None:
+        return None
+    return seq.logprobs[len(seq.logprobs) - num_new:] if num_new else []

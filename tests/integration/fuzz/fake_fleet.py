@@ -25,11 +25,11 @@ from services.security.admission import Admission
 from services.security.auth import current_key_name
 from services.security.grpc_guard import GrpcGuard
 from services.security.http_guard import KEY_NAME, error_response, http_guard
+from services.security.openai_wire import from_openai
 from services.security.validation import (
     RequestError,
     RequestLimits,
     ValidRequest,
-    from_openai,
     from_proto,
     grpc_status,
     parse_json,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dspark.v1 import generation_pb2 as pb
+from services.security.openai_wire import from_openai
 from services.security.validation import (
     CODES,
     RequestError,
     RequestLimits,
-    from_openai,
     from_proto,
     grpc_status,
     http_status,
@@ -77,7 +77,7 @@ def test_token_ids_and_counter_check_context() -> None:
     ({"text": "a", "max_new_tokens": 0}, "max_new_tokens"),
     ({"text": "a", "max_new_tokens": 33}, "limit 32"),
     ({"text": "a", "max_new_tokens": "8"}, "integer"),
-    ({"text": "a", "method": "magic"}, "unknown speculation method"),
+    ({"text": "a", "method": "magic"}, "not this fleet's"),
     ({"text": "a", "method": 3}, "method"),
     ({"text": "a", "stop_token_ids": [5000]}, "stop_token_ids"),
     ({"text": "a", "stop_token_ids": list(range(65))}, "limit is 64"),
