@@ -8,7 +8,8 @@ Label sets are bounded by construction:
   pool           one of POOLS
   position       "0" .. str(MAX_SPEC_POSITIONS - 1), or POSITION_OVERFLOW
   code           a gRPC status code name (HTTP statuses are mapped onto them)
-  finish_reason  one of FINISH_REASONS
+  finish_reason  one of FINISH_REASONS (successes only: a cancelled request counts as an
+                 error with code CANCELLED, a failed one with its own code)
 Request ids never go in labels.
 
 Each `FleetMetrics` owns its own `CollectorRegistry`, so two objects in one process (tests)
@@ -42,7 +43,7 @@ PREFIX = "dspark:"
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 POOLS = ("prefill", "target", "drafter")
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS = ("stop", "length")
 # Per-position acceptance is tracked for the first MAX_SPEC_POSITIONS draft positions;
 # later positions (unusually long blocks) share one overflow series.
 MAX_SPEC_POSITIONS = 16
@@ -83,7 +84,11 @@ STEP_BUCKETS_S = (
 KV_TRANSFER_BUCKETS_S = (
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-VERIFY_TOKENS_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
+# Tokens verified per request per step: an integer >= 1 (the anchor plus the drafts). Bounds
+# sit halfway between integers, so bucket (k - 0.5, k + 0.5] holds exactly k and
+# histogram_quantile interpolates around k: with bounds at the integers (first bucket le=1,
+# lower edge 0), a fleet verifying 1 token per step showed a p50 of 0.59.
+VERIFY_TOKENS_BUCKETS = (0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 8.5, 10.5, 12.5, 16.5, 24.5, 32.5, 64.5)
 
 _SPEC_LABELS = ("model", "method")
 _REQUEST_LABELS = ("model",)
@@ -302,7 +307,8 @@ class FleetMetrics:
     ) -> None:
         """Record a finished request: TTFT (None if no token came), inter-token gaps, totals.
 
-        `finish_reason` outside FINISH_REASONS is counted as "abort".
+        Only a success (`finish_reason` in FINISH_REASONS) counts in request_success; the
+        caller counts a cancelled or failed request with `observe_error`.
         """
         if ttft is not None:
             self.ttft.labels(self.model).observe(ttft)
@@ -311,8 +317,8 @@ class FleetMetrics:
             itl_histogram.observe(gap)
         self.e2e.labels(self.model).observe(e2e)
         self.queue_time.labels(self.model).observe(queue)
-        reason = finish_reason if finish_reason in FINISH_REASONS else "abort"
-        self.request_success.labels(self.model, reason).inc()
+        if finish_reason in FINISH_REASONS:
+            self.request_success.labels(self.model, finish_reason).inc()
 
     def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
         """Record one prefill -> target KV cache transfer."""

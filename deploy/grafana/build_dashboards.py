@@ -50,6 +50,7 @@ class Panel:
     queries: tuple[Query, ...]
     description: str = ""
     stack: bool = False
+    no_value: str = ""  # what Grafana shows when the queries return no series
 
 
 @dataclass
@@ -80,19 +81,22 @@ def _spec_rows() -> list[Row]:
         f"sum by (model, method, position) ({rate('dspark:spec_decode_num_accepted_tokens_per_pos_total')})"
     )
     verify = "dspark:verify_tokens_per_request_step"
-    mean_verify = f"sum({rate(verify + '_sum')}) / sum({rate(verify + '_count')})"
+    mean_verify = f"sum({rate(verify + '_sum')}) / (sum({rate(verify + '_count')}) > 0)"
+    # `(x > 0)`: no series instead of 0/0 = NaN while nothing is drafted; the panel says so.
+    no_drafts = "no drafts"
     return [
         Row("Speculative decoding", [
-            Panel("Acceptance rate", "percentunit", (Query(f"{accepted} / {drafted}", "{{method}}"),),
-                  "Accepted draft tokens / proposed draft tokens."),
+            Panel("Acceptance rate", "percentunit", (Query(f"{accepted} / ({drafted} > 0)", "{{method}}"),),
+                  "Accepted draft tokens / proposed draft tokens.", no_value=no_drafts),
             Panel("Acceptance rate per position", "percentunit",
-                  (Query(f"{per_pos} / ignoring (position) group_left () {drafts}", "pos {{position}}"),),
-                  "P(draft position k accepted) = accepted at k / drafts."),
-            Panel("Mean accepted length", "short", (Query(f"1 + {accepted} / {drafts}", "{{method}}"),),
-                  "Tokens committed per verify step: 1 + accepted / drafts."),
+                  (Query(f"{per_pos} / ignoring (position) group_left () ({drafts} > 0)", "pos {{position}}"),),
+                  "P(draft position k accepted) = accepted at k / drafts.", no_value=no_drafts),
+            Panel("Mean accepted length", "short", (Query(f"1 + {accepted} / ({drafts} > 0)", "{{method}}"),),
+                  "Tokens committed per verify step: 1 + accepted / drafts.", no_value=no_drafts),
             Panel("Verification budget (tokens per request per step)", "short",
                   (Query(mean_verify, "mean"), *quantiles(verify)),
-                  "Tokens the target verifies per request per step (confidence scheduler)."),
+                  "Tokens the target verifies per request per step (confidence scheduler).",
+                  no_value="no steps"),
             Panel("Drafter fallback (plain decoding steps/s)", "ops",
                   (Query(f"sum({rate('dspark:spec_decode_fallback_total')})", "fallback steps/s"),),
                   "Steps decoded without a drafter: non-zero means the drafter pool is unavailable."),
@@ -175,7 +179,9 @@ def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
         "description": panel.description,
         "datasource": DATASOURCE,
         "gridPos": {"h": 8, "w": 8, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": panel.unit, "custom": custom}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": panel.unit, "custom": custom,
+                                     **({"noValue": panel.no_value} if panel.no_value else {})},
+                        "overrides": []},
         "options": {
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
             "tooltip": {"mode": "multi", "sort": "none"},
