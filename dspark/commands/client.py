@@ -1,5 +1,8 @@
 """Stream one generation from a running fleet over gRPC.
 
+`--prompt` is sent as one user chat message (the model's chat template applies), exactly as
+`dspark generate --prompt` does; `--raw` sends it as a plain completion prompt in both.
+
 `--api-key` (or env DSPARK_API_KEY) is sent as metadata `authorization: Bearer <key>`;
 `--ca-file` (or `--tls`, trusting the system roots) connects over TLS."""
 
@@ -15,8 +18,10 @@ from dspark.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="router HOST:PORT")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    p.add_argument("--prompt", required=True, help="user message (with --raw: a plain completion prompt)")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None)
@@ -51,10 +56,14 @@ def build_request(args: argparse.Namespace):  # -> generation_pb2.GenerateReques
     for name in ("max_new_tokens", "top_p", "top_k", "seed"):
         if getattr(args, name) is not None:
             setattr(sampling, name, getattr(args, name))
-    if args.chat:
-        msgs = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=args.prompt)])
-        return pb.GenerateRequest(messages=msgs, sampling=sampling)
-    return pb.GenerateRequest(text=args.prompt, sampling=sampling)
+    stop = pb.StopOptions(stop=args.stop or [])
+    if args.raw:
+        if args.system:
+            raise UserError("--system needs a chat prompt (drop --raw)")
+        return pb.GenerateRequest(text=args.prompt, sampling=sampling, stop=stop)
+    msgs = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
+    msgs.append(pb.ChatMessage(role="user", content=args.prompt))
+    return pb.GenerateRequest(messages=pb.ChatMessages(messages=msgs), sampling=sampling, stop=stop)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
-"""Generate a reply with the embedded engine, streaming text to the terminal."""
+"""Generate a reply with the embedded engine, streaming text to the terminal.
+
+`--prompt` is one user chat message (the model's chat template applies), as in `dspark
+client --prompt`; `--raw` makes it a plain completion prompt in both."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -14,12 +18,15 @@ from dspark.commands.common import (
     build_engine,
     sampling_from_args,
 )
+from dspark.engine.stop import TextStream
 from dspark.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="user message")
+    p.add_argument("--prompt", required=True, help="user message (with --raw: a plain completion prompt)")
     p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -28,17 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
-    params = sampling_from_args(args)  # validates before the (slow) model load
+    if args.raw and args.system:
+        raise UserError("--system needs a chat prompt (drop --raw)")
+    params = dataclasses.replace(sampling_from_args(args), stop=tuple(args.stop or ()))  # validated now
     spec = EngineSpec.from_args(args)
     target, engine, method = build_engine(spec)
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": args.prompt})
-    prompt_ids = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    stream = None if args.json else target.tokenizer.stream_decoder()
+    if args.raw:
+        prompt_ids = target.tokenizer.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt_ids = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    stream = None if args.json else TextStream(target.tokenizer, params.stop)
 
     def on_tokens(_seq_id: int, tokens: list[int], finished: bool) -> None:
         if stream is not None:
-            sys.stdout.write(stream.push(tokens) + (stream.flush() if finished else ""))
+            sys.stdout.write(stream.push(tokens).text + (stream.flush() if finished else ""))
             sys.stdout.flush()
 
     t0 = time.perf_counter()
@@ -52,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": target.name,
         "method": method,
-        "text": target.tokenizer.decode(out.token_ids, skip_special_tokens=True),
+        "text": out.text if out.text is not None else target.tokenizer.decode(out.token_ids,
+                                                                                skip_special_tokens=True),
         "token_ids": out.token_ids,
         "prompt_tokens": len(prompt_ids),
         "num_new_tokens": len(out.token_ids),
