@@ -29,15 +29,24 @@ def fleet() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def reference() -> dict[str, list[int]]:
-    """Greedy outputs of the embedded engine with the same model and method."""
+def embedded() -> tuple[object, object]:
+    """(target, engine): the embedded engine with the fleet's model and method, the
+    reference every fleet output is compared with (tests/integration/fleet/helpers.py)."""
     import torch
 
     from dspark.commands.common import EngineSpec, build_engine
-    from dspark.spec.sampling import SamplingParams
 
     torch.set_num_threads(1)
     target, engine, _ = build_engine(EngineSpec(method="ngram", max_batch_size=4))
-    prompts = [target.tokenizer.encode(p) for p in PROMPTS]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW))
+    return target, engine
+
+
+@pytest.fixture(scope="session")
+def reference(embedded: tuple[object, object]) -> dict[str, list[int]]:
+    """Greedy outputs of the embedded engine with the same model and method."""
+    from dspark.spec.sampling import SamplingParams
+
+    target, engine = embedded
+    prompts = [target.tokenizer.encode(p) for p in PROMPTS]  # type: ignore[attr-defined]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW))  # type: ignore[attr-defined]
     return {p: o.token_ids for p, o in zip(PROMPTS, outs, strict=True)}

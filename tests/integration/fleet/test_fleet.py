@@ -10,10 +10,14 @@ import grpc
 import pytest
 import ray
 
+from dspark.spec.sampling import SamplingParams
+from dspark.v1 import generation_pb2 as pb
 from tests.integration.fleet.conftest import MAX_NEW, PROMPTS
 from tests.integration.fleet.helpers import (
-    chain,
+    Hold,
     collect,
+    counter,
+    fleet_reference,
     free_slots,
     http_post,
     replica_actor,
@@ -112,12 +116,42 @@ def test_cancel_frees_kv(fleet):
 
 @pytest.mark.parametrize("deployment", ["DrafterWorker", "TargetWorker"])
 def test_replica_killed_mid_stream(fleet, reference, deployment):
-    prompt = PROMPTS[2]
-    stream = stub(fleet).Generate(request(prompt, MAX_NEW), timeout=300)
-    first = next(stream)
-    ray.kill(replica_actor(deployment), no_restart=True)  # Serve replaces it; state is gone
-    ids, _ = collect(chain([first], stream))
+    """The replica is killed while the request is held between two steps (so it surely is
+    mid-generation): a dead target costs exactly one failover (re-prefill from the log on
+    the replacement), a dead drafter none (plain decoding until a drafter is attached
+    again, counted as fallback steps). Either way the output is exact."""
+    prompt, rid = PROMPTS[2], f"kill-{deployment}"
+    failovers, fallbacks = counter(fleet, "request_failovers"), counter(fleet, "spec_decode_fallback")
+    with Hold(fleet, rid, after=2) as hold:
+        stream = stub(fleet).Generate(request(prompt, MAX_NEW, request_id=rid), timeout=300)
+        hold.wait()
+        victim = replica_actor(deployment)
+        ray.kill(victim, no_restart=True)  # Serve replaces it; its state is gone
+    ids, msgs = collect(stream)
     assert ids == reference[prompt]
+    with pytest.raises(ray.exceptions.RayActorError):  # the replica it was on is really gone
+        ray.get(victim.__ray_ready__.remote(), timeout=60)
+    if deployment == "TargetWorker":
+        assert counter(fleet, "request_failovers") == failovers + 1
+        assert counter(fleet, "spec_decode_fallback") == fallbacks
+    else:
+        assert counter(fleet, "request_failovers") == failovers
+        assert counter(fleet, "spec_decode_fallback") > fallbacks
+    assert msgs[-1].usage.completion_tokens == len(ids) == MAX_NEW
+    wait_free(fleet)
+
+
+def test_sampled_requests_with_a_seed_are_reproducible(fleet, embedded):
+    """Same seed, same tokens: twice through the fleet, and as the embedded engine computes
+    them (the prefill and the target replica each start a fresh RNG from the seed)."""
+    target, engine = embedded
+    prompt = PROMPTS[0]
+    req = pb.GenerateRequest(text=prompt, sampling=pb.SamplingOptions(temperature=0.8, seed=11,
+                                                                      max_new_tokens=MAX_NEW))
+    first, _ = collect(stub(fleet).Generate(req, timeout=300))
+    again, _ = collect(stub(fleet).Generate(req, timeout=300))
+    params = SamplingParams(temperature=0.8, seed=11, max_new_tokens=MAX_NEW)
+    assert first == again == fleet_reference(engine, target.tokenizer.encode(prompt), params)
     wait_free(fleet)
 
 
