@@ -6,7 +6,10 @@ documented status codes, within a deadline, and leave the server healthy.
 
 Both are plain functions (hypothesis runs inside), so the same harness checks the fake
 fleet here and the real fleet in its integration tests. Streams are cancelled after a few
-messages: the fuzz is about admission and parsing, not long generations.
+messages: the fuzz is about admission and parsing, not long generations. Every stream that
+succeeds is checked too: its offsets must be contiguous from the start (Generate: 0;
+Resume: the requested offset), and, where the caller can say what a request must produce
+(`reference`), its tokens must be exactly that output's prefix.
 """
 
 from __future__ import annotations
@@ -85,13 +88,23 @@ def _is_utf8(b: bytes) -> bool:
         return False
 
 
+# reference(request, n): the first n tokens `request` must produce, or None when that is
+# not known (e.g. sampled without a seed).
+GrpcReference = Callable[[pb.GenerateRequest, int], "list[int] | None"]
+HttpReference = Callable[[str, Any, int], "list[int] | None"]  # (path, parsed body, n)
+
+
 def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
               metadata: tuple[tuple[str, str], ...] | None = None, timeout_s: float = 30.0,
-              documented: frozenset[str] = GRPC_DOCUMENTED) -> dict[str, int]:
+              documented: frozenset[str] = GRPC_DOCUMENTED,
+              reference: GrpcReference | None = None, stats: dict[str, int] | None = None) -> dict[str, int]:
     """Send ~n random Generate/Resume/ListModels calls (typed and raw bytes); returns the
-    count per status code. Fails on an undocumented code, a deadline (hang), or a server
-    that is not SERVING afterwards."""
+    count per status code. Fails on an undocumented code, a deadline (hang), a successful
+    stream with a gap or repeat in its offsets or with tokens other than `reference`'s, or
+    a server that is not SERVING afterwards. `stats` (if given) counts the streams whose
+    offsets ("offsets_checked") and tokens ("tokens_checked") were checked."""
     seen: dict[str, int] = {}
+    stats = {} if stats is None else stats
     with channel_factory() as channel:
         stub = pb_grpc.GenerationStub(channel)
         raw_generate = channel.unary_stream("/dspark.v1.Generation/Generate")  # bytes in, bytes out
@@ -100,9 +113,12 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
             seen[code.name] = seen.get(code.name, 0) + 1
             assert code.name in documented, f"{what} -> undocumented {code.name}"
 
-        def stream(call: Any, what: str) -> None:
+        def stream(call: Any, what: str, start: int = 0, request: pb.GenerateRequest | None = None) -> None:
+            ids: list[int] = []
             try:
-                for i, _ in enumerate(call):
+                for i, m in enumerate(call):
+                    assert m.offset == start + len(ids), f"{what}: offset {m.offset} after {len(ids)} tokens"
+                    ids += m.token_ids
                     if i + 1 >= MAX_MESSAGES:
                         call.cancel()
                         break
@@ -110,8 +126,13 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED or not call.cancelled():
                     check(e.code(), f"{what}: {e.details()}")
-                else:
-                    check(grpc.StatusCode.OK, what)  # our own cancel after MAX_MESSAGES
+                    return
+                check(grpc.StatusCode.OK, what)  # our own cancel after MAX_MESSAGES
+            stats["offsets_checked"] = stats.get("offsets_checked", 0) + 1
+            expected = None if reference is None or request is None or not ids else reference(request, len(ids))
+            if expected is not None:
+                assert ids == expected, f"{what}: streamed {ids}, the reference says {expected}"
+                stats["tokens_checked"] = stats.get("tokens_checked", 0) + 1
 
         calls = st.one_of(
             generate_requests().map(lambda r: ("generate", r)),
@@ -126,11 +147,12 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
             kind, msg = call
             kw = {"metadata": metadata, "timeout": timeout_s}
             if kind == "generate":
-                stream(stub.Generate(msg, **kw), f"Generate({_short(msg)})")
+                stream(stub.Generate(msg, **kw), f"Generate({_short(msg)})", request=msg)
             elif kind == "raw":
-                stream(raw_generate(msg, **kw), f"Generate(raw {msg[:40]!r})")
+                call = raw_generate(msg, **kw)
+                stream(_parsed_stream(call), f"Generate(raw {msg[:40]!r})", request=_parse_request(msg))
             elif kind == "resume":
-                stream(stub.Resume(msg, **kw), f"Resume({_short(msg)})")
+                stream(stub.Resume(msg, **kw), f"Resume({_short(msg)})", start=msg.offset)
             else:
                 try:
                     stub.ListModels(msg, **kw)
@@ -142,6 +164,29 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING, "server not SERVING after fuzzing"
     return seen
+
+
+class _parsed_stream:  # noqa: N801 - wraps a raw call like a typed one
+    """A raw-bytes response stream read as GenerateResponse messages (cancel passes through)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def __iter__(self) -> Any:
+        return (pb.GenerateResponse.FromString(raw) for raw in self.call)
+
+    def cancel(self) -> bool:
+        return self.call.cancel()
+
+    def cancelled(self) -> bool:
+        return self.call.cancelled()
+
+
+def _parse_request(raw: bytes) -> pb.GenerateRequest | None:
+    try:
+        return pb.GenerateRequest.FromString(raw)
+    except Exception:  # noqa: BLE001 - not a GenerateRequest at all: no reference
+        return None
 
 
 def _short(msg: Any) -> str:
@@ -195,22 +240,26 @@ def _raw_bodies() -> st.SearchStrategy[bytes]:
 
 
 def fuzz_http(base_url: str, n: int = 100, headers: Mapping[str, str] | None = None, timeout_s: float = 30.0,
-              documented: frozenset[int] = HTTP_DOCUMENTED, health_path: str = "/v1/models") -> dict[int, int]:
+              documented: frozenset[int] = HTTP_DOCUMENTED, health_path: str = "/v1/models",
+              reference: HttpReference | None = None, stats: dict[str, int] | None = None) -> dict[int, int]:
     """POST ~n random bodies (JSON of wrong types, huge numbers, raw and invalid-UTF-8
     bytes, deep nesting) to the completions endpoints; returns the count per HTTP status.
-    Fails on an undocumented status, a timeout (hang), or a failing `health_path` after."""
+    Fails on an undocumented status, a timeout (hang), a successful answer whose token ids
+    (whole JSON body, or the complete SSE events read) differ from `reference`'s, or a
+    failing `health_path` after. `stats` counts the answers whose tokens were checked."""
     url = urlsplit(base_url)
     headers = dict(headers or {})
     seen: dict[int, int] = {}
+    stats = {} if stats is None else stats
 
-    def request(method: str, path: str, body: bytes | None) -> int:
+    def request(method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         conn = conn_cls(url.hostname, url.port, timeout=timeout_s)
         try:
             conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
             resp = conn.getresponse()
-            resp.read(4096)  # enough for an error body or the first SSE events; then hang up
-            return resp.status
+            # Enough for an error body or the first SSE events; then hang up.
+            return resp.status, resp.read(4096)
         finally:
             conn.close()
 
@@ -224,11 +273,42 @@ def fuzz_http(base_url: str, n: int = 100, headers: Mapping[str, str] | None = N
     @given(bodies)
     def one(case: tuple[str, bytes]) -> None:
         path, body = case
-        status = request("POST", path, body)
+        status, answer = request("POST", path, body)
         seen[status] = seen.get(status, 0) + 1
         assert status in documented, f"POST {path} {body[:200]!r} -> undocumented HTTP {status}"
+        ids = _answer_token_ids(answer) if status == 200 and reference is not None else None
+        if ids:
+            expected = reference(path, _json_or_none(body), len(ids))
+            if expected is not None:
+                assert ids == expected, f"POST {path} {body[:200]!r}: token ids {ids}, the reference says {expected}"
+                stats["tokens_checked"] = stats.get("tokens_checked", 0) + 1
 
     one()
-    assert request("GET", health_path, None) == 200, "server unhealthy after fuzzing"
+    assert request("GET", health_path, None)[0] == 200, "server unhealthy after fuzzing"
     return seen
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _answer_token_ids(answer: bytes) -> list[int] | None:
+    """Token ids of a completions answer: a whole JSON body, or the complete SSE events
+    among the bytes read (None when neither can be read whole)."""
+    try:
+        return list(json.loads(answer)["choices"][0]["token_ids"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        pass
+    ids, events = [], answer.split(b"\n\n")
+    for event in events[:-1]:  # the last piece may be cut off
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+            continue
+        try:
+            ids += json.loads(event[6:])["choices"][0]["token_ids"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+    return ids or None
 
