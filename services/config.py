@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -112,16 +112,30 @@ class FleetConfig(_Strict):
         return {key: float(math.ceil(amount)) for key, amount in total.items()}  # Ray wants whole numbers
 
 
-def load_config(path: str | Path | None = None, **overrides: object) -> FleetConfig:
-    """Read YAML (or defaults when `path` is None), apply `overrides`, validate."""
-    data: dict[str, object] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise UserError(f"cannot read fleet config {path}: {e}") from None
-    data.update({k: v for k, v in overrides.items() if v is not None})
+def read_config(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping at `path` (empty for None), not yet validated."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise UserError(f"cannot read fleet config {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"fleet config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"fleet config {path} must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def validate_config(data: dict[str, Any], origin: str) -> FleetConfig:
     try:
         return FleetConfig.model_validate(data)
     except ValueError as e:
-        raise UserError(f"invalid fleet config {path or '(defaults)'}: {e}") from None
+        raise UserError(f"invalid fleet config {origin}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> FleetConfig:
+    """Read YAML (or defaults when `path` is None), apply `overrides`, validate."""
+    data = read_config(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(data, str(path or "(defaults)"))

@@ -1,17 +1,24 @@
-"""Bring a whole local fleet up and down: Ray (loopback, simulated pools) unless
-RAY_ADDRESS points at a cluster, a private redis-server unless a URL is configured, the
-Serve application, and the router on its own asyncio loop thread. Used by `dspark serve`
-and by the integration tests."""
+"""Bring a whole fleet up and down in this process: Ray (a private local one on loopback with
+simulated pools, or an existing cluster), a private redis-server unless a URL is configured,
+the Serve application (deployed here, or attached to when someone else deploys it, e.g.
+KubeRay), and the router on its own asyncio loop thread. Used by `dspark serve` and by the
+integration tests.
+
+Everything started here is stopped by `stop()`, which also removes the temporary folders
+(Redis's and the local Ray's session folder)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import shutil
+import signal
+import tempfile
 import threading
 import time
+from typing import Any
 
-from services.ray_env import LOOPBACK, ray_env
+from services.ray_env import LOOPBACK, REPLICA_SETUP_HOOK, ray_env
 
 ray_env()  # must precede `import ray` (see services/ray_env.py)
 import ray  # noqa: E402
@@ -20,28 +27,40 @@ from ray import serve  # noqa: E402
 from services.app import INGRESS, build_fleet  # noqa: E402
 from services.config import FleetConfig  # noqa: E402
 from services.metrics import FleetMetrics  # noqa: E402
+from services.ray_metrics import MetricsRelay  # noqa: E402
 from services.router.server import RouterServer  # noqa: E402
 from services.state.redis_state import FleetState, StateConfig  # noqa: E402
-from services.state.server import RedisServer  # noqa: E402
+from services.state.server import RedisServer, free_port  # noqa: E402
 
 OBJECT_STORE_BYTES = 512 * 2**20
 
 
 class LocalFleet:
+    """`ray_address`: use that cluster instead of starting a local Ray. `attach`: do not
+    deploy the Serve application, wait until the one named `cfg.app_name` is RUNNING (its
+    deployments must be the ones `cfg` describes). `ray_metrics_port`: serve the local Ray
+    node's metrics on `host:ray_metrics_port` (Ray itself stays on loopback)."""
+
     def __init__(self, cfg: FleetConfig, host: str = LOOPBACK, grpc_port: int = 0, http_port: int = 0,
                  metrics_port: int | None = 0, num_cpus: int | None = None,
-                 deploy_timeout_s: float = 300.0) -> None:
+                 deploy_timeout_s: float = 300.0, *, ray_address: str | None = None, attach: bool = False,
+                 ray_metrics_port: int | None = None) -> None:
         self.cfg, self.host = cfg, host
         self.ports = {"grpc": grpc_port, "http": http_port}
         self.metrics_port, self.num_cpus, self.deploy_timeout_s = metrics_port, num_cpus, deploy_timeout_s
+        self.ray_address, self.attach, self.ray_metrics_port = ray_address, attach, ray_metrics_port
         self.redis: RedisServer | None = None
         self.state: FleetState | None = None
         self.metrics = FleetMetrics(cfg.model, cfg.method)
         self.server: RouterServer | None = None
-        self._metrics_http = None
+        self._metrics_http: Any = None
+        self._ray_metrics: MetricsRelay | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router", daemon=True)
         self._own_ray = False
+        self._deployed = False
+        self._ray_tmp: str | None = None
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> LocalFleet:
@@ -58,11 +77,14 @@ class LocalFleet:
             self.cfg = self.cfg.model_copy(update={"redis_url": self.redis.url})
         self.state = FleetState.from_url(self.cfg.redis_url, StateConfig(namespace=self.cfg.redis_namespace))
         self._start_ray()
-        self._deploy()
+        if self.attach:
+            self._await_app()
+        else:
+            self._deploy()
         self._thread.start()
         self.server = RouterServer(self.cfg, self.state, self.metrics)
         grpc_port, http_port = self.run(self.server.start(self.host, self.ports["grpc"], self.ports["http"]))
-        self.ports = {"grpc": grpc_port, "http": http_port}
+        self.ports.update(grpc=grpc_port, http=http_port)
         if self.metrics_port is not None:
             self._metrics_http = self.metrics.start_http_server(self.metrics_port, self.host)
             self.ports["metrics"] = self._metrics_http.server_port
@@ -71,19 +93,43 @@ class LocalFleet:
     def _start_ray(self) -> None:
         if ray.is_initialized():
             return
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], namespace="dspark")
-        else:
-            ray.init(num_cpus=self.num_cpus or 4, include_dashboard=False,
-                     object_store_memory=OBJECT_STORE_BYTES, resources=self.cfg.pool_resources(),
-                     namespace="dspark", _node_ip_address=LOOPBACK)
-            self._own_ray = True
+        if self.ray_address:
+            _init_ray(address=self.ray_address, namespace="dspark")
+            return
+        kwargs: dict[str, Any] = {}
+        if self.ray_metrics_port is not None:
+            kwargs["_metrics_export_port"] = free_port(LOOPBACK)
+        # A private session folder, removed by stop() (Ray would leave /tmp/ray/session_* behind).
+        self._ray_tmp = tempfile.mkdtemp(prefix="dspark-ray-")
+        _init_ray(address="local", num_cpus=self.num_cpus or 4, include_dashboard=False,
+                  object_store_memory=OBJECT_STORE_BYTES, resources=self.cfg.pool_resources(),
+                  namespace="dspark", _node_ip_address=LOOPBACK, _temp_dir=self._ray_tmp,
+                  runtime_env={"worker_process_setup_hook": REPLICA_SETUP_HOOK}, **kwargs)
+        self._own_ray = True
+        if "_metrics_export_port" in kwargs:
+            relay = MetricsRelay(kwargs["_metrics_export_port"], self.host, self.ray_metrics_port)
+            self._ray_metrics = relay.start()
+            self.ports["ray_metrics"] = self._ray_metrics.port
 
     def _deploy(self) -> None:
         serve.start(proxy_location="Disabled")
         # Not blocking: unsatisfiable pool resources would otherwise hang forever.
         serve.api._run(build_fleet(self.cfg), _blocking=False, name=self.cfg.app_name, route_prefix=None,
                        logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        self._deployed = True
+        self._wait_running(f"pool resources available? {ray.available_resources()}")
+
+    def _await_app(self) -> None:
+        """Attach to an application deployed by someone else (KubeRay's serveConfigV2)."""
+        self._wait_running("is it deployed (serveConfigV2 / `serve deploy`) under this name?")
+        expected = {name for pool in ("prefill", "target", "drafter") for name in self.cfg.deployment_names(pool)}
+        found = set(serve.status().applications[self.cfg.app_name].deployments)
+        if not expected <= found:
+            raise RuntimeError(f"Serve application {self.cfg.app_name!r} has deployments {sorted(found)}, but "
+                               f"this fleet config expects {sorted(expected)}: the router and the application "
+                               "must read the same fleet config")
+
+    def _wait_running(self, hint: str) -> None:
         deadline = time.monotonic() + self.deploy_timeout_s
         while time.monotonic() < deadline:
             app = serve.status().applications.get(self.cfg.app_name)
@@ -92,18 +138,22 @@ class LocalFleet:
             if app is not None and app.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"fleet deployment failed: {app.message}")
             time.sleep(0.5)
-        raise TimeoutError(f"fleet not RUNNING after {self.deploy_timeout_s:.0f}s "
-                           f"(pool resources available? {ray.available_resources()})")
+        raise TimeoutError(f"Serve application {self.cfg.app_name!r} not RUNNING after "
+                           f"{self.deploy_timeout_s:.0f}s ({hint})")
 
     def run(self, coro: object, timeout: float | None = None) -> object:
         """Run a coroutine on the router's loop from another thread."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
     def stop(self) -> None:
+        """Idempotent: `start()` calls it on failure and callers may call it again."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self._stop_serving()
         finally:
-            self._stop_local()  # redis-server is ours: stop it whatever else failed
+            self._stop_local()  # redis-server and temp folders are ours: remove them whatever else failed
 
     def _stop_serving(self) -> None:
         if self.server is not None:
@@ -112,17 +162,19 @@ class LocalFleet:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        for http in (self._metrics_http, self._ray_metrics):
+            if http is not None:
+                http.shutdown()
+                http.server_close()
         if not ray.is_initialized():
             return
-        with contextlib.suppress(Exception):
-            serve.delete(self.cfg.app_name)
+        if self._deployed:  # an attached application belongs to whoever deployed it
+            with contextlib.suppress(Exception):
+                serve.delete(self.cfg.app_name)
         if self._own_ray:
             with contextlib.suppress(Exception):
                 serve.shutdown()
-            ray.shutdown()
+        ray.shutdown()
 
     def _stop_local(self) -> None:
         if self.state is not None:
@@ -130,12 +182,27 @@ class LocalFleet:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._ray_tmp is not None:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            self._ray_tmp = None
 
     def __enter__(self) -> LocalFleet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _init_ray(**kwargs: Any) -> None:
+    """`ray.init` that keeps the process's SIGTERM handler. Ray installs one that calls
+    `sys.exit` from the signal handler; the exception then unwinds through Ray's own
+    shutdown and the process aborts half-way (exit 134), leaving redis-server and the
+    temporary folders behind. The process's own handler (`dspark serve`'s) stays in charge."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    ray.init(**kwargs)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["INGRESS", "LocalFleet", "ray_env"]

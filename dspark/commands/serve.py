@@ -1,88 +1,70 @@
-"""Run the fleet: local Ray (simulated pools) or RAY_ADDRESS, Redis, Serve app, router.
+"""Run the fleet: local Ray (simulated pools) or an existing cluster, Redis, Serve app, router.
 
-`--api-key-file` turns on API keys for both fronts (gRPC metadata `authorization: Bearer
-<key>`, HTTP `Authorization: Bearer <key>`; keys from `dspark keys add`), `--tls-cert` and
-`--tls-key` serve both fronts over TLS, `--rate-limit` limits requests per key (in Redis).
-These override the config file's `security:` section."""
+Every setting comes from a flag or its `DSPARK_*` environment variable (flags win), over the
+fleet YAML: see services/settings.py and docs/deploy.md. `--api-key-file` turns on API keys
+for both fronts (gRPC metadata `authorization: Bearer <key>`, HTTP `Authorization: Bearer
+<key>`; keys from `dspark keys add`), `--tls-cert` and `--tls-key` serve both fronts over
+TLS, `--rate-limit` limits requests per key (in Redis).
+
+SIGTERM (docker stop, Kubernetes, systemd) and SIGINT stop the fleet the same way: the
+router stops, the application this process deployed is deleted, a local Ray and a private
+redis-server are shut down and their temporary folders removed; the exit status is 0."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from dspark.errors import UserError
-
-if TYPE_CHECKING:
-    from services.config import FleetConfig
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "fleet.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help=f"fleet YAML (default: {DEFAULT_CONFIG} when present)")
-    p.add_argument("--host", default="127.0.0.1", help="address the gRPC/HTTP/metrics fronts bind")
-    p.add_argument("--grpc-port", type=int, default=50051)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=9400)
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
-    p.add_argument("--api-key-file", default=None, help="hashed API keys (`dspark keys add`): require a key")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: TLS on the gRPC and HTTP ports")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
-    p.add_argument("--rate-limit", type=float, default=None, help="requests per second per API key")
-    p.add_argument("--rate-limit-burst", type=int, default=None, help="requests a key may send at once")
+    from services.settings import add_arguments as add_settings
 
-
-SECURITY_FLAGS = {"api_key_file": "api_key_file", "tls_cert": "tls_cert_file", "tls_key": "tls_key_file",
-                  "tls_client_ca": "tls_client_ca_file", "rate_limit": "rate_limit_per_s",
-                  "rate_limit_burst": "rate_limit_burst"}
-
-
-def apply_security_flags(cfg: FleetConfig, args: argparse.Namespace) -> FleetConfig:
-    """Command-line security flags over the config file's `security:` section (validated)."""
-    from services.security.config import SecurityConfig
-
-    flags = {field: getattr(args, flag) for flag, field in SECURITY_FLAGS.items()
-             if getattr(args, flag, None) is not None}
-    if not flags:
-        return cfg
-    try:
-        security = SecurityConfig.model_validate({**cfg.security.model_dump(), **flags})
-    except ValueError as e:
-        raise UserError(f"invalid security options: {e}") from None
-    if security.api_key_file is not None:
-        from services.security.auth import ApiKeyAuth
-
-        ApiKeyAuth.from_file(security.api_key_file)  # fail now, with the file's own error
-    return cfg.model_copy(update={"security": security})
+    add_settings(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from services.ray_env import ray_env
 
     ray_env()  # before anything imports ray (it reads the loopback switch at import time)
-    from services.config import load_config
+    from services.settings import resolve
+
+    settings = resolve(args, os.environ)
+    cfg, proc = settings.fleet, settings.process
+    if cfg.security.api_key_file is not None:
+        from services.security.auth import ApiKeyAuth
+
+        ApiKeyAuth.from_file(cfg.security.api_key_file)  # fail now, with the file's own error
     from services.launcher import LocalFleet
 
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = apply_security_flags(load_config(path), args)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    fleet = LocalFleet(cfg, args.host, args.grpc_port, args.http_port, args.metrics_port, args.num_cpus)
+    _interrupt_on(signal.SIGTERM, signal.SIGINT)
+    fleet = LocalFleet(cfg, proc.host, proc.grpc_port, proc.http_port, proc.metrics_port, proc.num_cpus,
+                       proc.deploy_timeout_s, ray_address=proc.ray_address, attach=proc.attach,
+                       ray_metrics_port=proc.ray_metrics_port)
     try:
-        fleet.start()
-        ports = fleet.ports
-        sec = cfg.security
+        fleet.start()  # restores our SIGTERM handler after ray.init (services/launcher.py)
+        ports, sec = fleet.ports, cfg.security
         mode = ("tls" if sec.tls_cert_file else "plaintext") + (", api keys" if sec.api_key_file else "")
-        print(f"dspark fleet ready: grpc={args.host}:{ports['grpc']} http={args.host}:{ports['http']} "
-              f"metrics={args.host}:{ports.get('metrics')} ({mode})", flush=True)
-        stop.wait()
+        ray_metrics = f" ray-metrics={proc.host}:{ports['ray_metrics']}" if "ray_metrics" in ports else ""
+        print(f"dspark fleet ready: grpc={proc.host}:{ports['grpc']} http={proc.host}:{ports['http']} "
+              f"metrics={proc.host}:{ports.get('metrics')}{ray_metrics} ({mode})", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
     finally:
+        # A second signal must not cut the clean-up short (Kubernetes may resend, users press ^C twice).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         print("dspark fleet shutting down", file=sys.stderr, flush=True)
         fleet.stop()
+        print("dspark fleet stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _interrupt_on(*signals: signal.Signals) -> None:
+    """SIGTERM behaves like Ctrl-C: KeyboardInterrupt in the main thread, wherever it is
+    (starting, serving), so both leave through the same clean-up."""
+    for sig in signals:
+        signal.signal(sig, signal.default_int_handler)

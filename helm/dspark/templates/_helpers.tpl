@@ -53,12 +53,32 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s-head-svc" (include "dspark.fullname" .) }}
 {{- end }}
 
-{{/* Container env shared by Ray nodes and the router. */}}
-{{- define "dspark.commonEnv" -}}
-- name: DSPARK_REDIS_URL
-  value: {{ include "dspark.redisUrl" . | quote }}
+{{/* Env of every Ray container and the router. Ray 2.60 turns token authentication on for a
+new cluster; KubeRay's pods would each make their own token, so it is switched off
+explicitly and the cluster network is the boundary (keep Ray's ports inside the cluster). */}}
+{{- define "dspark.rayEnv" -}}
+- name: RAY_AUTH_MODE
+  value: disabled
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+{{- end }}
+
+{{/* The fleet config (services/config.py FleetConfig) the Serve application and the router
+share: .Values.fleet plus redis_url, app_name and one pools entry per pool. */}}
+{{- define "dspark.fleetConfig" -}}
+{{- $cfg := deepCopy .Values.fleet }}
+{{- $_ := set $cfg "redis_url" (include "dspark.redisUrl" .) }}
+{{- $_ := set $cfg "app_name" .Values.serve.appName }}
+{{- $pools := dict }}
+{{- range $name, $p := .Values.pools }}
+{{- $pool := dict "replicas" $p.replicas "num_cpus" $p.numCpus "num_gpus" $p.numGpus "device" $p.device "hourly_cost" $p.hourlyCost "max_batch_size" $p.maxBatchSize "resources" (dict (printf "pool_%s" $name) $p.poolResource) }}
+{{- if $p.acceleratorType }}
+{{- $_ := set $pool "accelerator_type" $p.acceleratorType }}
+{{- end }}
+{{- $_ := set $pools $name (merge $pool (deepCopy $p.config)) }}
+{{- end }}
+{{- $_ := set $cfg "pools" $pools }}
+{{- toYaml $cfg }}
 {{- end }}
 
 {{/* rayStartParams.resources wants a JSON object inside a quoted string: '"{\"pool_x\": 1}"'. */}}

