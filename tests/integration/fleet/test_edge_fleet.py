@@ -18,6 +18,7 @@ import pytest
 
 from dspark.commands import client as client_cmd
 from dspark.commands import serve as serve_cmd
+from dspark.spec.sampling import SamplingParams
 from dspark.v1 import generation_pb2 as pb
 from dspark.v1 import generation_pb2_grpc as pb_grpc
 from services.metrics import FleetMetrics
@@ -138,11 +139,53 @@ def test_client_command_sends_the_key(edge: Edge, reference: dict[str, list[int]
     assert json.loads(capsys.readouterr().out)["token_ids"] == reference[PROMPTS[2]][:N]
 
 
-def test_fuzz_grpc(edge: Edge, fleet: Any) -> None:
-    seen = fuzz_grpc(edge.channel, n=2 * FUZZ_EXAMPLES, metadata=edge.md(), timeout_s=120, documented=GRPC_CODES)
-    print("gRPC fuzz codes:", seen)
+def greedy_reference(fleet: Any, embedded: tuple[Any, Any]) -> Any:
+    """reference(request, n) for fuzz_grpc: the first n tokens the embedded engine gives a
+    greedy request (temperature unset or 0), from the proto fields as the API defines them;
+    None for sampled requests (without a seed nothing is reproducible)."""
+    target, engine = embedded
+
+    def reference(req: pb.GenerateRequest, n: int) -> list[int] | None:
+        s = req.sampling
+        if s.HasField("temperature") and s.temperature != 0:
+            return None
+        kind = req.WhichOneof("prompt")
+        if kind == "text":
+            prompt = target.tokenizer.encode(req.text)
+        elif kind == "token_ids":
+            prompt = list(req.token_ids.ids)
+        else:
+            return None  # chat messages: rendering is the API tests' business
+        params = SamplingParams(max_new_tokens=n, stop_token_ids=tuple(req.stop.stop_token_ids),
+                                ignore_eos=req.stop.ignore_eos)
+        return engine.generate([prompt], params)[0].token_ids
+    return reference
+
+
+def test_fuzz_grpc(edge: Edge, fleet: Any, embedded: tuple[Any, Any]) -> None:
+    stats: dict[str, int] = {}
+    seen = fuzz_grpc(edge.channel, n=2 * FUZZ_EXAMPLES, metadata=edge.md(), timeout_s=120, documented=GRPC_CODES,
+                     reference=greedy_reference(fleet, embedded), stats=stats)
+    print("gRPC fuzz codes:", seen, "checked:", stats)
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
+    # Streams that succeeded had contiguous offsets (checked in the harness), and the greedy
+    # ones the engine's tokens (tokens_checked of them; a seedless sampled one cannot be).
+    assert stats.get("offsets_checked", 0) > 0, (stats, seen)
     wait_free(fleet)  # every cancelled stream freed its KV slot
+
+
+def test_fuzzed_streams_are_checked_against_the_engine(edge: Edge, fleet: Any, embedded: tuple[Any, Any]) -> None:
+    """The reference check of the fuzz harness sees real streams: a few plain greedy
+    requests of random text go through it (the random fuzz may find few of them)."""
+    reference, stats = greedy_reference(fleet, embedded), {}
+    with edge.channel() as ch:
+        s = pb_grpc.GenerationStub(ch)
+        for text in ("zq 7 !! the", "1 1 2 3 5 8", "\u00e9t\u00e9 \u2603"):
+            req = request(text, N)
+            ids, _ = collect(s.Generate(req, metadata=edge.md(), timeout=300))
+            assert ids and ids == reference(req, len(ids))
+            stats["tokens_checked"] = stats.get("tokens_checked", 0) + 1
+    assert stats["tokens_checked"] == 3
 
 
 def test_fuzz_http(fleet: Any) -> None:
