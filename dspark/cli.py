@@ -17,7 +17,6 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "data": {
         "prepare": "dspark.commands.data_prepare",
         "regenerate": "dspark.commands.data_regenerate",
-        "cache": "dspark.commands.data_cache",
     },
     "train": "dspark.commands.train",
     "calibrate": "dspark.commands.calibrate",

@@ -1,4 +1,4 @@
-"""Train a DSpark (or DFlash-style) drafter on a target cache (config: YAML)."""
+"""Train a DSpark (or DFlash-style) drafter on regenerated data, target features captured online."""
 
 from __future__ import annotations
 
@@ -18,18 +18,24 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark.models.loader import load_model
     from dspark.train.config import TrainConfig
-    from dspark.train.target_cache import open_target_cache
+    from dspark.train.examples import load_examples
     from dspark.train.trainer import DTYPES, Trainer
 
     cfg = TrainConfig.load(args.config)
     if args.max_steps:
         cfg = cfg.model_copy(update={"max_steps": args.max_steps})
-    loaded = load_model(cfg.model, DTYPES[cfg.dtype], cfg.device)
-    cache = open_target_cache(cfg.data, cfg.model)
-    trainer = Trainer(cfg, loaded.model, cache)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded = load_model(cfg.model, DTYPES[cfg.target_dtype], cfg.device)
+    data = [cfg.data] if isinstance(cfg.data, str) else cfg.data
+    examples = load_examples(data, loaded.tokenizer, cfg.max_len)
+    heldout = None
+    if cfg.heldout_data:
+        heldout = load_examples([cfg.heldout_data], loaded.tokenizer, cfg.max_len, limit=cfg.heldout)
+    trainer = Trainer(cfg, loaded.model, examples, heldout)
     if not args.no_resume and trainer.resume():
         print(f"dspark: resumed at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
-    print(f"dspark: {len(trainer.seqs)} sequences, {trainer.total_steps} steps, "
+    print(f"dspark: {len(trainer.examples)} examples ({len(trainer.heldout)} held out), {trainer.total_steps} steps, "
           f"{sum(p.numel() for p in trainer.drafter.parameters()) / 1e6:.2f}M drafter parameters, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     trainer.train()

@@ -34,7 +34,11 @@ class DrafterConfig(BaseModel):
     markov_rank: int = Field(64, ge=0, description="r of the Markov head; 0 = DFlash-style parallel")
     confidence_head: bool = Field(True, description="train and run the confidence head")
     gamma: float = Field(4.0, gt=0, description="position weights w_j = exp(-j / gamma)")
-    mask_token_id: int = Field(description="MASK id filling block slots 1..K-1 (never in real data)")
+    mask_token_id: int = Field(description="MASK id filling block slots 1..K-1 (never in real data); "
+                                           ">= vocab_size: a dedicated trained embedding row no text can produce")
+    direct_path: bool = Field(False, description="add a projection of the fused feature of the last context "
+                                                 "position (a - 1, never the anchor's own) to every block slot "
+                                                 "(an extension beyond the paper; False = the paper's drafter)")
     draft_vocab_size: int | None = Field(
         None, description="frequency-ranked draft vocabulary size; None = full")
     # Copied from the target.
@@ -58,6 +62,11 @@ class DrafterConfig(BaseModel):
                    rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
                    hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
                    **kw)
+
+    @property
+    def dedicated_mask(self) -> bool:
+        """MASK is a row of its own, outside the target's vocabulary."""
+        return self.mask_token_id >= self.vocab_size
 
     @property
     def num_draft_vocab(self) -> int:

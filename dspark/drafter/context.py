@@ -22,6 +22,7 @@ class ContextCache:
         self.k = [torch.zeros(shape, **kw) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, **kw) for _ in range(cfg.num_layers)]
         self.length = 0
+        self.last_ctx: torch.Tensor | None = None  # (d,) fused feature of position length - 1
 
     def _grow(self, need: int) -> None:
         cap = self.k[0].shape[1]
@@ -53,6 +54,7 @@ def extend_context(drafter: Drafter, cache: ContextCache, features: torch.Tensor
     pos = torch.arange(cache.length, cache.length + n, device=drafter.device)[None]  # (1, n)
     h_ctx = drafter.fuse(features.to(drafter.device)[None])  # (1, n, d)
     cache.append([(k[0], v[0]) for k, v in drafter.context_kv(h_ctx, pos)])
+    cache.last_ctx = h_ctx[0, -1]
 
 
 @torch.inference_mode()
@@ -68,11 +70,13 @@ def block_hidden(drafter: Drafter, caches: list[ContextCache], anchor_ids: list[
         v = torch.stack([c.v[i][:, :S] if c.v[i].shape[1] >= S else _pad(c.v[i], S) for c in caches])
         ctx_kv.append((k, v))  # (B, KVH, S, hd) each
     see_ctx = torch.arange(S, device=dev)[None, :] < lens[:, None]  # (B, S): pad rows masked
-    mask = torch.cat([see_ctx[:, None, :].expand(B, K, S),
-                      torch.ones(B, K, K, dtype=torch.bool, device=dev)], dim=-1)[:, None]
+    ctx_mask = see_ctx[:, None, :].expand(B, K, S)  # (B, K, S)
     positions = lens[:, None] + torch.arange(K, device=dev)  # (B, K): slot j at a + j
     block = drafter.block_ids(torch.tensor(anchor_ids, device=dev))  # (B, K)
-    return drafter.backbone(block, positions, ctx_kv, mask)
+    last = None
+    if drafter.cfg.direct_path:  # (B, 1, d): one block per sequence
+        last = torch.stack([c.last_ctx for c in caches])[:, None]
+    return drafter.backbone(block, positions, ctx_kv, ctx_mask, last)
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:

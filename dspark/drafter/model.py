@@ -4,14 +4,20 @@ frozen target LM head, plus the Markov (semi-autoregressive) head and the confid
 Per block (anchor x0 at position a, K slots at positions a..a+K-1):
 
     H_ctx   = RMSNorm(W_fuse [f_1; ..; f_m])            context features, positions < a only
-    x       = E([x0, MASK, .., MASK])                   target's frozen embeddings
+    x       = E([x0, MASK, .., MASK]) (+ W_d H_ctx[a-1])  target's frozen embeddings; MASK has
+                                                        its own trained row; optional direct path
     h_1..K  = RMSNorm(layers(x | K/V(H_ctx<a), block bidirectional))
     U_k     = LM_head(h_k)                              target's frozen head (draft-vocab rows)
     Z_k     = U_k + W1[x_{k-1}] @ W2                     Markov bias, r = 0 -> none (DFlash)
     c_k     = sigmoid((w . [h_k; W1[x_{k-1}]] + b) / T_k + b_k)  confidence, fp32, T_k b_k calibrated
 
 The embeddings and LM head are references to the target's modules, never registered here,
-so `state_dict()` holds only what trains (plus two small buffers).
+so `state_dict()` holds only what trains (plus small buffers).
+
+Attention of the block slots is computed in two parts joined by one softmax: scores
+against the context (masked to positions < a) and scores within the slot's own block. So a
+training pass over N blocks costs N*K x (S + K) scores, never the (N*K)^2 block-to-block
+matrix a single mask over [context ; all blocks] would need.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 
 from dspark.drafter.config import DrafterConfig
-from dspark.models.layers import MLP, RMSNorm, Rotary, apply_rotary, attend
+from dspark.models.layers import MLP, RMSNorm, Rotary, apply_rotary
 from dspark.models.transformer import CausalLM
 
 
@@ -56,23 +62,44 @@ class DrafterLayer(nn.Module):
         return self._kv(h_ctx, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
-                ctx_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d) block slots; ctx_k/v (B, KVH, S, hd); mask (B, 1, T, S + T) True = attend."""
+                ctx_v: torch.Tensor, ctx_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+        """x (B, N*K, d): N blocks of K slots; ctx_k/v (B, KVH, S, hd); ctx_mask (B, N*K, S)
+        True = the slot may see that context position. Each slot also sees its own block's K
+        slots (bidirectional) and nothing of other blocks."""
         B, T, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_norm(self.q_proj(h).view(B, T, self.heads, self.head_dim))
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
-        k, v = self._kv(h, cos, sin)
-        keys, values = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)  # (B, KVH, S+T, hd)
-        out = attend(q, keys, values, mask, self.scale)  # (B, H, T, hd)
+        k, v = self._kv(h, cos, sin)  # (B, KVH, T, hd)
+        out = block_attention(q, k, v, ctx_k, ctx_v, ctx_mask, block_size, self.scale)  # (B, H, T, hd)
         x = x + self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
+                    ctx_mask: torch.Tensor, K: int, scale: float) -> torch.Tensor:
+    """q (B, H, N*K, hd); k, v (B, KVH, N*K, hd) block slots; ctx_k, ctx_v (B, KVH, S, hd);
+    ctx_mask (B, N*K, S) bool -> (B, H, N*K, hd). One softmax over [context ; own block]."""
+    B, H, T, hd = q.shape
+    kvh, N = k.shape[1], T // K
+    g = H // kvh
+    qg = q.reshape(B, kvh, g, T, hd)  # query head h uses kv head h // g
+    s_ctx = torch.einsum("bzgtd,bzsd->bzgts", qg, ctx_k).float() * scale  # (B, KVH, g, T, S)
+    s_ctx = s_ctx.masked_fill(~ctx_mask[:, None, None], float("-inf"))
+    qb = qg.reshape(B, kvh, g, N, K, hd)
+    kb, vb = k.reshape(B, kvh, N, K, hd), v.reshape(B, kvh, N, K, hd)
+    s_blk = torch.einsum("bzgnid,bznjd->bzgnij", qb, kb).float() * scale  # (B, KVH, g, N, K, K)
+    probs = torch.softmax(torch.cat([s_ctx, s_blk.reshape(B, kvh, g, T, K)], dim=-1), dim=-1)
+    p_ctx, p_blk = probs[..., :-K].to(v.dtype), probs[..., -K:].to(v.dtype)  # own block always seen: no NaN
+    out = torch.einsum("bzgts,bzsd->bzgtd", p_ctx, ctx_v)
+    out = out + torch.einsum("bzgnij,bznjd->bzgnid", p_blk.reshape(B, kvh, g, N, K, K), vb).reshape(out.shape)
+    return out.reshape(B, H, T, hd)
 
 
 @dataclasses.dataclass
 class BlockOutput:
     hidden: torch.Tensor  # (B, N, K, d) final-normed block states h_k
-    logits: torch.Tensor  # (B, N, K, Vd) float32 Markov-corrected draft logits Z (teacher forced)
+    logits: torch.Tensor  # (B, N, K, Vd) Markov-corrected draft logits Z (teacher forced; bf16 under autocast)
     conf_logits: torch.Tensor | None  # (B, N, K) float32 raw confidence logits (before T_k)
 
 
@@ -95,6 +122,10 @@ class Drafter(nn.Module):
             nn.init.zeros_(self.markov_w2.weight)  # start as the parallel drafter
         if cfg.confidence_head:
             self.conf = nn.Linear(d + r, 1)
+        if cfg.dedicated_mask:  # its own row, set to the mean target embedding at training start
+            self.mask_embedding = nn.Parameter(torch.zeros(d))
+        if cfg.direct_path:
+            self.direct = nn.Linear(d, d, bias=False)
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size))
         self.register_buffer("conf_offset", torch.zeros(cfg.block_size))  # calibration logit offsets b_k
         ids = torch.arange(vd) if cfg.draft_vocab_size is None else torch.zeros(vd, dtype=torch.long)
@@ -108,6 +139,11 @@ class Drafter(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+        if self.cfg.direct_path:
+            nn.init.zeros_(self.direct.weight)  # starts as the paper's drafter
+        if self.cfg.dedicated_mask:
+            with torch.no_grad():
+                self.mask_embedding.copy_(self.target.model.embed_tokens.weight.float().mean(0))
 
     @property
     def device(self) -> torch.device:
@@ -133,14 +169,30 @@ class Drafter(nn.Module):
         cos, sin = self._rope(positions)
         return [layer.context_kv(h_ctx, cos, sin) for layer in self.layers]
 
-    def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor,
-                 ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
-        """block_ids/positions (B, T) -> final-normed h (B, T, d)."""
+    def embed_block(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) block ids -> (B, T, d): the target's frozen embeddings; a dedicated MASK
+        id (>= vocab size, so no text produces it) takes the drafter's own trained row."""
+        if not self.cfg.dedicated_mask:
+            with torch.no_grad():
+                return self.target.embed(block_ids).to(self.dtype)
+        is_mask = block_ids == self.cfg.mask_token_id
         with torch.no_grad():
-            x = self.target.embed(block_ids).to(self.dtype)  # frozen embeddings
+            x = self.target.embed(block_ids.masked_fill(is_mask, 0)).to(self.dtype)
+        return torch.where(is_mask[..., None], self.mask_embedding.to(x.dtype), x)
+
+    def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                 ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], ctx_mask: torch.Tensor,
+                 last_ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """block_ids/positions (B, N*K); ctx_mask (B, N*K, S); last_ctx (B, N, d) the fused
+        feature at a_n - 1 (direct path only) -> final-normed h (B, N*K, d)."""
+        K = self.cfg.block_size
+        x = self.embed_block(block_ids)
+        if self.cfg.direct_path:
+            B, T, d = x.shape
+            x = (x.view(B, T // K, K, d) + self.direct(last_ctx.to(x.dtype))[:, :, None]).view(B, T, d)
         cos, sin = self._rope(positions)
         for layer, (k, v) in zip(self.layers, ctx_kv, strict=True):
-            x = layer(x, cos, sin, k, v, mask)
+            x = layer(x, cos, sin, k, v, ctx_mask, K)
         return self.norm(x)
 
     def head_weight(self) -> torch.Tensor:
@@ -206,30 +258,39 @@ class Drafter(nn.Module):
         """features (B, S, m, d); input_ids (B, S); anchors (B, N) sorted positions.
 
         Block n's queries see context positions p < a_n and the K slots of block n only.
-        Every row sees its own block, so no attention row is fully masked.
+        Every row sees its own block, so no attention row is fully masked. Autocast (bf16)
+        applies to the matmuls; logits, softmax and losses stay float32.
         """
         B, S = input_ids.shape
         N, K = anchors.shape[1], self.cfg.block_size
         dev = input_ids.device
         pos_ctx = torch.arange(S, device=dev).expand(B, S)
-        ctx_kv = self.context_kv(self.fuse(features), pos_ctx)
+        h_ctx = self.fuse(features)  # (B, S, d)
+        ctx_kv = self.context_kv(h_ctx, pos_ctx)
         j = torch.arange(K, device=dev)
         block_pos = anchors[:, :, None] + j  # (B, N, K): slot j sits at a_n + j
         anchor_ids = input_ids.gather(1, anchors)  # (B, N)
         block = self.block_ids(anchor_ids)  # (B, N, K)
         see_ctx = pos_ctx[:, None, :] < anchors[:, :, None]  # (B, N, S)
         see_ctx = see_ctx[:, :, None, :].expand(B, N, K, S).reshape(B, N * K, S)
-        blk = torch.arange(N, device=dev).repeat_interleave(K)  # (N*K,) block of each slot
-        see_blk = (blk[:, None] == blk[None, :]).expand(B, N * K, N * K)
-        mask = torch.cat([see_ctx, see_blk], dim=-1)[:, None]  # (B, 1, N*K, S+N*K)
-        h = self.backbone(block.view(B, N * K), block_pos.view(B, N * K), ctx_kv, mask)
+        last = None
+        if self.cfg.direct_path:  # H_ctx at a_n - 1 (anchors are >= 1: the prompt comes first)
+            rows = (anchors - 1).clamp(min=0)[:, :, None].expand(B, N, h_ctx.shape[-1])
+            last = h_ctx.gather(1, rows)  # (B, N, d)
+        h = self.backbone(block.view(B, N * K), block_pos.view(B, N * K), ctx_kv, see_ctx, last)
         h = h.view(B, N, K, -1)  # (B, N, K, d)
         prev = input_ids.gather(1, block_pos.clamp(max=S - 1).view(B, N * K)).view(B, N, K)  # x at a+j
-        z = self.base_logits(h)
-        bias = self.markov_bias(prev)
-        if bias is not None:
-            z = z + bias
-        return BlockOutput(hidden=h, logits=z, conf_logits=self.confidence_logits(h, prev))
+        return BlockOutput(hidden=h, logits=self.teacher_forced_logits(h, prev),
+                           conf_logits=self.confidence_logits(h, prev))
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items()}
+    def teacher_forced_logits(self, h: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
+        """Z = U + W1[x_prev] @ W2 for every slot at once, as ONE matmul of [h ; W1[x_prev]]
+        against [head rows ; W2^T]: (..., d), (...) -> (..., Vd) in the compute dtype (bf16
+        under autocast); the loss upcasts chunk by chunk."""
+        w = self.head_weight()
+        if self.cfg.markov_rank == 0:
+            return nn.functional.linear(h if torch.is_autocast_enabled() else h.to(w.dtype), w)
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled() else self.markov_w2.weight.dtype
+        feats = torch.cat([h.to(dtype), self.markov_w1(prev_ids).to(dtype)], dim=-1)  # (..., d + r)
+        weight = torch.cat([w.to(dtype), self.markov_w2.weight.to(dtype)], dim=-1)  # (Vd, d + r)
+        return nn.functional.linear(feats, weight)

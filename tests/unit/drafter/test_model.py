@@ -118,3 +118,65 @@ def test_real_target_features_feed_the_drafter() -> None:
     assert feats.shape == (12, 3, 32) and final.shape == (12, 32)
     out = d.forward_train(feats[None], ids[None], torch.tensor([[4]]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_direct_path_never_reads_the_anchor_feature_or_later() -> None:
+    target = tiny_target()
+    d = tiny_drafter(target, direct_path=True)
+    with torch.no_grad():
+        d.direct.weight.normal_(0, 0.3)  # non-trivial (it starts at zero)
+    ids, feats = _inputs()
+    anchors = torch.tensor([[3, 8, 14]])
+    base = d.forward_train(feats[None], ids[None], anchors)
+    for n, a in enumerate(anchors[0].tolist()):
+        bumped = feats.clone()
+        bumped[a:] += 5 * torch.randn_like(bumped[a:])
+        torch.testing.assert_close(d.forward_train(bumped[None], ids[None], anchors).logits[0, n], base.logits[0, n])
+    # The fused feature at a - 1 reaches the slots through the direct path itself, not only
+    # through attention: with attention to the context cut off it still moves the drafts.
+    without = tiny_drafter(target, direct_path=True)
+    without.load_state_dict(d.state_dict())
+    for layer in without.layers:
+        layer.k_proj.weight.data.zero_()  # uniform attention over context + block
+        layer.v_proj.weight.data.zero_()  # ... that carries nothing
+    earlier = feats.clone()
+    earlier[7] += 5.0  # a - 1 for the anchor at 8
+    a0 = without.forward_train(feats[None], ids[None], anchors).logits[0, 1]
+    assert not torch.allclose(without.forward_train(earlier[None], ids[None], anchors).logits[0, 1], a0)
+
+
+def test_direct_path_inference_equals_the_training_pass() -> None:
+    target = tiny_target()
+    d = tiny_drafter(target, direct_path=True)
+    ids, feats = _inputs(S=16)
+    cache = ContextCache(d)
+    extend_context(d, cache, feats[:6])
+    extend_context(d, cache, feats[6:11])
+    h = block_hidden(d, [cache], [int(ids[11])])
+    train = d.forward_train(feats[None], ids[None], torch.tensor([[11]]))
+    torch.testing.assert_close(h[0], train.hidden[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_dedicated_mask_row_is_outside_the_vocabulary_and_trained() -> None:
+    target = tiny_target()
+    d = tiny_drafter(target, mask_token_id=VOCAB)  # the trainer's choice: vocab_size
+    assert d.cfg.dedicated_mask and d.mask_embedding.requires_grad
+    torch.testing.assert_close(d.mask_embedding, target.model.embed_tokens.weight.float().mean(0))  # its start
+    block = d.block_ids(torch.tensor([5]))
+    assert block.tolist() == [[5, VOCAB, VOCAB, VOCAB]]
+    x = d.embed_block(block)
+    torch.testing.assert_close(x[0, 1], d.mask_embedding.to(x.dtype))
+    torch.testing.assert_close(x[0, 0], target.embed(torch.tensor([5]))[0].to(x.dtype))
+    ids, feats = _inputs()
+    out = d.forward_train(feats[None], ids[None], torch.tensor([[6]]))
+    out.logits.float().sum().backward()
+    assert d.mask_embedding.grad is not None and d.mask_embedding.grad.abs().sum() > 0
+
+
+def test_one_matmul_logits_equal_head_plus_markov_bias() -> None:
+    target = tiny_target()
+    d = tiny_drafter(target, draft_vocab_size=40)
+    h = torch.randn(2, 3, 32)
+    prev = torch.randint(0, VOCAB, (2, 3))
+    torch.testing.assert_close(d.teacher_forced_logits(h, prev).float(),
+                               d.base_logits(h) + d.markov_bias(prev), atol=1e-5, rtol=1e-5)

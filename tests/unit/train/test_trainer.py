@@ -7,24 +7,34 @@ import torch
 
 from dspark.drafter.checkpoint import load_drafter
 from dspark.train.config import DrafterShape, TrainConfig
-from dspark.train.target_cache import TargetCache, build_target_cache
+from dspark.train.examples import Example, example_from_messages, example_from_record
 from dspark.train.trainer import Trainer, lr_factor
-from tests.unit.drafter.helpers import tiny_target
-from tests.unit.train.fake_chat import FakeChatTokenizer, conversations
+from tests.unit.drafter.helpers import VOCAB, tiny_target
+from tests.unit.train.fake_chat import END, FakeChatTokenizer, conversations
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    build_target_cache(tiny_target(), FakeChatTokenizer(), "tiny", conversations(12), out, [1, 2, 3],
-                       max_len=64, shard_size=8)
+def _examples(n: int = 12) -> list[Example]:
+    """Regenerated-format records of learnable conversations (the tiny target 'answered')."""
+    tok, out = FakeChatTokenizer(), []
+    for i, conv in enumerate(conversations(n)):
+        prompt = tok.apply_chat_template(conv[:1], add_generation_prompt=True)
+        rec = {"id": f"c{i}", "prompt_ids": prompt, "response_ids": tok.encode(conv[1]["content"]) + [END],
+               "finish_reason": "stop"}
+        out.append(example_from_record(rec, frozenset({END}), 64))
     return out
 
 
-def _cfg(cache_dir, out, **kw) -> TrainConfig:
-    base = dict(model="tiny", data=str(cache_dir), out=str(out), lr=3e-3, max_steps=6, batch_size=2,
-                grad_accum=2, anchors_per_seq=8, checkpoint_every=3, warmup_frac=0.2,
-                drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=4, draft_vocab_size=60))
+EXAMPLES = _examples()
+
+
+def _trainer(out, target=None, examples=None, **kw) -> Trainer:
+    return Trainer(_cfg(out, **kw), target or tiny_target(), examples or EXAMPLES)
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(model="tiny", data="unused.jsonl", out=str(out), lr=3e-3, max_steps=6, batch_size=2,
+                grad_accum=2, anchors_per_seq=8, checkpoint_every=3, warmup_frac=0.2, heldout=2, eval_every=3,
+                top_k=8, drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=4, draft_vocab_size=60))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -35,9 +45,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     assert lr_factor(10, 10, 0.2) == pytest.approx(0.0)
 
 
-def test_short_run_lowers_every_loss_term(cache_dir, tmp_path) -> None:
-    tr = Trainer(_cfg(cache_dir, tmp_path, max_steps=40, lr=1e-2, warmup_frac=0.05), tiny_target(),
-                 TargetCache(cache_dir))
+def test_short_run_lowers_every_loss_term(tmp_path) -> None:
+    tr = _trainer(tmp_path, max_steps=40, lr=1e-2, warmup_frac=0.05)
     recs = tr.train(progress=False)
     # L_conf's soft label moves as the drafts improve, so its reducible part (L_conf - H(label))
     # is what must fall.
@@ -50,19 +59,23 @@ def test_short_run_lowers_every_loss_term(cache_dir, tmp_path) -> None:
     assert len(lines) == 40 and json.loads(lines[-1])["step"] == 40
     out = tr.export()
     d = load_drafter(out, tr.target, dtype=torch.float32)
-    assert d.cfg.draft_vocab_size == 60 and d.cfg.mask_token_id not in range(0, 80)
+    assert d.cfg.draft_vocab_size == 60 and d.cfg.mask_token_id == VOCAB  # a row no token id reaches
+    evals = [json.loads(ln) for ln in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals][-1] == 40 and len(evals) == 14  # every 3 steps and the last
+    assert evals[-1]["heldout_tau_tf"] >= 1.0 and len(evals[-1]["heldout_accept_per_pos"]) == 4
+    assert {e.id for e in tr.heldout} == {"c10", "c11"} and not {e.id for e in tr.examples} & {"c10", "c11"}
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(cache_dir, tmp_path) -> None:
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path) -> None:
     target = tiny_target()
-    full = Trainer(_cfg(cache_dir, tmp_path / "a"), target, TargetCache(cache_dir))
+    full = _trainer(tmp_path / "a", target)
     full_recs = full.train(progress=False)
-    first = Trainer(_cfg(cache_dir, tmp_path / "b"), target, TargetCache(cache_dir))
+    first = _trainer(tmp_path / "b", target)
     first.train(stop_after=4, progress=False)  # checkpoint at step 3; step 4 is lost
     torch.manual_seed(1234)  # whatever the RNG did meanwhile must not matter
-    second = Trainer(_cfg(cache_dir, tmp_path / "b"), target, TargetCache(cache_dir))
+    second = _trainer(tmp_path / "b", target)
     assert second.resume() and second.step == 4
-    # resume() loads the last checkpoint (step 3 or 4); continue to the end
+    # resume() loads the last checkpoint (the stop at step 4 wrote one); continue to the end
     second.train(progress=False)
     for (name, p), q in zip(full.drafter.state_dict().items(), second.drafter.state_dict().values(),
                             strict=True):
@@ -71,21 +84,19 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(cache_dir, tmp_path) ->
     assert [r["loss_total"] for r in logged] == [r["loss_total"] for r in full_recs]
 
 
-def test_dflash_trains_ce_only(cache_dir, tmp_path) -> None:
-    cfg = _cfg(cache_dir, tmp_path, method="dflash", max_steps=2)
-    tr = Trainer(cfg, tiny_target(), TargetCache(cache_dir))
+def test_dflash_trains_ce_only(tmp_path) -> None:
+    tr = _trainer(tmp_path, method="dflash", max_steps=2)
     rec = tr.train(progress=False)[-1]
     assert "loss_tv" not in rec and tr.drafter.cfg.markov_rank == 0 and not tr.drafter.cfg.confidence_head
 
 
-def test_warm_start_takes_the_earlier_runs_last_weights_and_vocabulary(cache_dir, tmp_path) -> None:
+def test_warm_start_takes_the_earlier_runs_last_weights_and_vocabulary(tmp_path) -> None:
     from dspark.errors import UserError
 
     target = tiny_target()
-    first = Trainer(_cfg(cache_dir, tmp_path / "a", max_steps=3), target, TargetCache(cache_dir))
+    first = _trainer(tmp_path / "a", target, max_steps=3)
     first.train(progress=False)
-    second = Trainer(_cfg(cache_dir, tmp_path / "b", init_from=str(tmp_path / "a"), seed=5), target,
-                     TargetCache(cache_dir))
+    second = _trainer(tmp_path / "b", target, init_from=str(tmp_path / "a"), seed=5)
     assert second.step == 0 and second.total_steps == 6  # fresh optimizer and schedule
     for (name, p), q in zip(first.drafter.state_dict().items(), second.drafter.state_dict().values(),
                             strict=True):
@@ -97,12 +108,32 @@ def test_warm_start_takes_the_earlier_runs_last_weights_and_vocabulary(cache_dir
     st = torch.load(state_file, weights_only=False)
     del st["drafter"]["conf_offset"]
     torch.save(st, state_file)
-    old = Trainer(_cfg(cache_dir, tmp_path / "e", init_from=str(tmp_path / "a")), target, TargetCache(cache_dir))
+    old = _trainer(tmp_path / "e", target, init_from=str(tmp_path / "a"))
     assert torch.equal(old.drafter.conf_offset, torch.zeros(4))
     with pytest.raises(UserError, match="rank"):  # another shape cannot start from it
-        Trainer(_cfg(cache_dir, tmp_path / "c", init_from=str(tmp_path / "a"),
-                     drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=8, draft_vocab_size=60)),
-                target, TargetCache(cache_dir))
-    with pytest.raises(UserError, match="no training checkpoint"):
-        Trainer(_cfg(cache_dir, tmp_path / "d", init_from=str(tmp_path / "missing")), target,
-                TargetCache(cache_dir))
+        _trainer(tmp_path / "c", target, init_from=str(tmp_path / "a"),
+                 drafter=DrafterShape(num_layers=1, block_size=4, markov_rank=8, draft_vocab_size=60))
+    with pytest.raises(UserError, match="neither a training checkpoint"):
+        _trainer(tmp_path / "d", target, init_from=str(tmp_path / "missing"))
+    # A shipped (exported) checkpoint directory is a valid start too: the next stage on a fresh machine.
+    exported = first.export(tmp_path / "shipped")
+    third = _trainer(tmp_path / "f", target, init_from=str(exported))
+    torch.testing.assert_close(third.drafter.layers[0].q_proj.weight,
+                               first.drafter.layers[0].q_proj.weight.to(torch.bfloat16).float())
+
+
+def test_teacher_forced_rows_take_the_targets_argmax_as_labels(tmp_path) -> None:
+    tok = FakeChatTokenizer()
+    tf = [example_from_messages(tok, {"id": f"t{i}", "messages": c}, 64) for i, c in enumerate(conversations(3))]
+    tr = _trainer(tmp_path, examples=EXAMPLES[:2] + tf, heldout=0)
+    tb, blocks = tr._micro_batch([EXAMPLES[0], tf[0]])
+    B, N, K = blocks.target_pos.shape
+    top1 = tb.top_ids[..., 0].gather(1, blocks.target_pos.view(B, -1)).view(B, N, K)
+    sup = blocks.supervised
+    assert torch.equal(blocks.labels[1][sup[1]], top1[1][sup[1]])  # teacher-forced row
+    data_next = tb.input_ids.gather(1, (blocks.target_pos + 1).clamp(max=tb.input_ids.shape[1] - 1).view(B, -1))
+    assert torch.equal(blocks.labels[0][sup[0]], data_next.view(B, N, K)[0][sup[0]])  # regenerated row
+
+
+def test_lr_schedule_can_hold_then_decay() -> None:
+    assert [round(lr_factor(s, 100, 0.04, 0.2), 3) for s in (0, 3, 50, 80, 90, 100)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.0]
