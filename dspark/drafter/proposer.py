@@ -96,7 +96,7 @@ def _draw(q: torch.Tensor, req: DraftRequest) -> torch.Tensor:
     return sample(q[None], req.generator)[0]
 
 
-def _factory(method: str) -> Any:
+def drafter_factory(method: str) -> Any:
     def build(target: Any, block_size: int | None = None, checkpoint: str | Path | None = None,
               **_: Any) -> DrafterProposer:
         name = getattr(target, "name", None)
@@ -109,5 +109,5 @@ def _factory(method: str) -> Any:
     return build
 
 
-register_proposer("dspark")(_factory("dspark"))
-register_proposer("dflash")(_factory("dflash"))
+register_proposer("dspark")(drafter_factory("dspark"))
+register_proposer("dflash")(drafter_factory("dflash"))

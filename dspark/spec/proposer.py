@@ -86,7 +86,7 @@ def _load_builtin() -> None:
     # Importing the modules runs their @register_proposer decorators.
     import importlib
 
-    for mod in ("dspark.spec.ngram", "dspark.spec.draft_model", "dspark.drafter.proposer"):
+    for mod in ("dspark.spec.ngram", "dspark.spec.draft_model", "dspark.drafter.proposer", "dspark.drafter.hybrid"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

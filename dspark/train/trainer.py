@@ -219,10 +219,11 @@ class Trainer:
         sums: dict[str, float] = {}
         acc = torch.zeros(self.drafter.cfg.block_size)
         cnt = torch.zeros(self.drafter.cfg.block_size)
-        anchors = 0
+        anchors = slots = 0
         for _ in range(self.cfg.grad_accum):
             tb, blocks = self._micro_batch([self.examples[i] for i in self._next_indices(self.cfg.batch_size)])
             anchors += int(blocks.supervised[..., 0].sum())
+            slots += int(blocks.supervised.sum())
             terms = self._loss(tb, blocks)
             (terms.total / self.cfg.grad_accum).backward()
             for name in ("total", "ce", "tv", "conf", "conf_kl"):
@@ -239,7 +240,7 @@ class Trainer:
         self.step += 1
         self.anchors_seen += anchors
         record = {"step": self.step, "epoch": self.epoch, "lr": lr, "grad_norm": float(norm),
-                  "anchors_seen": self.anchors_seen, **{f"loss_{k}": v for k, v in sums.items()}}
+                  "anchors_seen": self.anchors_seen, "slots": slots, **{f"loss_{k}": v for k, v in sums.items()}}
         if self.cfg.method == "dspark":
             record["accept_per_pos"] = [round(float(a), 4) for a in acc / cnt.clamp_min(1)]
         return record

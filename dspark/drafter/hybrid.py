@@ -1,0 +1,118 @@
+"""`hybrid`: the DSpark drafter and prompt lookup, whichever promises more, one verification.
+
+Text that copies long spans (code edits, RAG, summaries, a maths answer restating the
+question) is where prompt lookup shines and a small drafter struggles; free text is the
+reverse. Per round and sequence:
+
+    E_ng(L) = sum_{j <= L} p^j            lookup draft of L tokens; p = this sequence's observed
+                                          per-token acceptance of lookup drafts (Beta(1, 1) prior)
+    E_ds    = sum_{j <= K} s_j            the drafter's calibrated survival (its own confidence)
+
+The block with the larger expected accepted length is verified. While lookup keeps
+promising more than the drafter has recently delivered (an EMA of E_ds), the drafter's pass
+is skipped altogether; its context still takes every committed feature, so it can take over
+the next round. Either way the target verifies one block against the exact distribution the
+block was drawn from (one-hot for lookup), so the output is lossless.
+
+Acceptance of the previous round is read from the feature contract: a round that accepted
+n drafts delivers n + 1 new features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from dspark.drafter.proposer import DrafterProposer, drafter_factory
+from dspark.spec.ngram import lookup
+from dspark.spec.proposer import Draft, DraftRequest, register_proposer
+
+EMA = 0.3  # weight of the newest round in the drafter's expected-length average
+
+
+@dataclasses.dataclass
+class _SeqStats:
+    hits: float = 0.0  # lookup drafts accepted
+    trials: float = 0.0  # lookup drafts that were reached (accepted, or the first rejected)
+    ds_expect: float | None = None  # EMA of the drafter's expected accepted length
+    last_lookup: int = 0  # length of last round's lookup draft (0: the drafter's block, or none)
+
+    @property
+    def p_lookup(self) -> float:
+        return (self.hits + 1.0) / (self.trials + 2.0)
+
+    def lookup_expect(self, length: int) -> float:
+        p = self.p_lookup
+        return sum(p ** j for j in range(1, length + 1))
+
+
+class HybridProposer:
+    def __init__(self, drafter: DrafterProposer, max_ngram: int = 3, min_ngram: int = 2) -> None:
+        self.drafter, self.name = drafter, "hybrid"
+        self.feature_layers = drafter.feature_layers
+        self.max_drafts = drafter.max_drafts
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._stats: dict[int, _SeqStats] = {}
+        self.rounds = {"drafter": 0, "lookup": 0, "lookup_skipped_drafter": 0}  # for reports
+
+    @property
+    def last_conf_logits(self) -> dict[int, torch.Tensor]:
+        return self.drafter.last_conf_logits
+
+    def start(self, seq_id: int, prompt_ids: list[int]) -> None:
+        self.drafter.start(seq_id, prompt_ids)
+        self._stats[seq_id] = _SeqStats()
+
+    def finish(self, seq_id: int) -> None:
+        self.drafter.finish(seq_id)
+        self._stats.pop(seq_id, None)
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        matches, run_drafter = [], []
+        for req in requests:
+            st = self._stats[req.seq_id]
+            self._account(st, req)
+            k = min(req.max_tokens, self.max_drafts)
+            match = lookup(req.token_ids, k, self.max_ngram, self.min_ngram) if k > 0 else []
+            matches.append(match)
+            skip = bool(match) and st.ds_expect is not None and st.lookup_expect(len(match)) > st.ds_expect
+            run_drafter.append(k > 0 and not skip)
+        # The drafter sees every request: those it does not draft for still extend its context.
+        ds_requests = [req if run else dataclasses.replace(req, max_tokens=0)
+                       for req, run in zip(requests, run_drafter, strict=True)]
+        ds_drafts = self.drafter.propose(ds_requests)
+        out = []
+        for req, match, ran, ds in zip(requests, matches, run_drafter, ds_drafts, strict=True):
+            st = self._stats[req.seq_id]
+            e_ds = None
+            if ran and ds.confidences is not None and ds.tokens:
+                e_ds = float(torch.cumprod(ds.confidences.float(), 0).sum())
+                st.ds_expect = e_ds if st.ds_expect is None else (1 - EMA) * st.ds_expect + EMA * e_ds
+            use_lookup = bool(match) and (not ran or e_ds is None or st.lookup_expect(len(match)) > e_ds)
+            if use_lookup:
+                self.rounds["lookup"] += 1
+                self.rounds["lookup_skipped_drafter"] += not ran
+                st.last_lookup = len(match)
+                p = st.p_lookup
+                out.append(Draft(tokens=match, probs=None, confidences=torch.full((len(match),), p)))
+            else:
+                self.rounds["drafter"] += bool(ds.tokens)
+                st.last_lookup = 0
+                out.append(ds)
+        return out
+
+    @staticmethod
+    def _account(st: _SeqStats, req: DraftRequest) -> None:
+        """Credit last round's lookup draft with what the target accepted of it."""
+        if st.last_lookup and req.new_features is not None:
+            accepted = min(req.new_features.shape[0] - 1, st.last_lookup)
+            st.hits += accepted
+            st.trials += min(accepted + 1, st.last_lookup)
+        st.last_lookup = 0
+
+
+@register_proposer("hybrid")
+def _make_hybrid(target: Any, block_size: int | None = None, checkpoint: Any = None, **kw: Any) -> HybridProposer:
+    return HybridProposer(drafter_factory("dspark")(target, block_size=block_size, checkpoint=checkpoint, **kw))
