@@ -14,7 +14,7 @@ from dspark.jsonutil import dumps
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _eval_arguments(p)
-    p.set_defaults(temperatures="1", limit=50)
+    p.set_defaults(temperatures="0,1", limit=50)
     p.add_argument("--plot", default=None, help="reliability diagram PNG "
                    "(default: <checkpoint>/reliability.png)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
@@ -35,33 +35,37 @@ def run(args: argparse.Namespace) -> int:
     if not proposer.drafter.cfg.confidence_head:
         raise UserError("this drafter has no confidence head to calibrate")
     K = proposer.max_drafts
-    params = SamplingParams(temperature=float(args.temperatures.split(",")[0]), seed=args.seed,
-                            max_new_tokens=args.max_new_tokens)
-    with tqdm(total=len(ids), desc="dev rounds", file=sys.stderr) as bar:
-        stats = run_rounds(loaded.model, proposer, ids, params, K, loaded.eos_token_ids,
-                           on_prompt=lambda _: bar.update(1))
-    z, n = stats.calibration_data(K)
-    if z.shape[0] < 20:
-        raise UserError(f"only {z.shape[0]} full rounds; use more prompts (--limit)")
-    temps, offsets = fit_calibration(z, n)
-    rows = report(z, n, temps, offsets, references=True)
-    plot = reliability_plot(args.plot or Path(args.checkpoint) / "reliability.png", z, n, temps, offsets)
-    full = torch.ones(proposer.drafter.cfg.block_size)
-    full[:K] = temps
-    full_b = torch.zeros(proposer.drafter.cfg.block_size)
-    full_b[:K] = offsets
+    results = {}
+    for t in (float(x) for x in args.temperatures.split(",")):
+        params = SamplingParams(temperature=t, seed=args.seed, max_new_tokens=args.max_new_tokens)
+        with tqdm(total=len(ids), desc=f"dev rounds T={t:g}", file=sys.stderr) as bar:
+            stats = run_rounds(loaded.model, proposer, ids, params, K, loaded.eos_token_ids,
+                               on_prompt=lambda _: bar.update(1))
+        z, n = stats.calibration_data(K)
+        if z.shape[0] < 20:
+            raise UserError(f"only {z.shape[0]} full rounds at T={t:g}; use more prompts (--limit)")
+        temps, offsets = fit_calibration(z, n)
+        rows = report(z, n, temps, offsets, references=True)
+        regime = "greedy" if params.greedy else "sampled"
+        plot_path = Path(args.plot or Path(args.checkpoint) / "reliability.png")
+        plot = reliability_plot(plot_path.with_name(f"{plot_path.stem}-{regime}{plot_path.suffix}"), z, n, temps,
+                                offsets)
+        full = torch.ones(proposer.drafter.cfg.block_size)
+        full[:K] = temps
+        full_b = torch.zeros(proposer.drafter.cfg.block_size)
+        full_b[:K] = offsets
+        if not args.dry_run:
+            save_calibration(args.checkpoint, full, full_b, greedy=params.greedy)
+        results[regime] = {"temperature": t, "rounds": int(z.shape[0]), "temperatures": full.tolist(),
+                           "offsets": full_b.tolist(), "plot": str(plot),
+                           "positions": [dataclasses.asdict(r) for r in rows]}
+        if not args.json:
+            for r in rows:
+                print(f"{regime} pos {r.position}: T={r.temperature:.3f} b={r.offset:+.2f} ECE {r.ece_before:.4f} -> "
+                      f"{r.ece_after:.4f} (held out {r.ece_heldout:.4f}, noise floor {r.ece_floor:.4f}) "
+                      f"AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
     if not args.dry_run:
-        save_calibration(args.checkpoint, full, full_b)
-        (Path(args.checkpoint) / "calibration.json").write_text(
-            json.dumps({"rounds": int(z.shape[0]), "temperature": params.temperature,
-                        "positions": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
-    out = {"rounds": int(z.shape[0]), "temperatures": full.tolist(), "offsets": full_b.tolist(), "plot": str(plot),
-           "positions": [dataclasses.asdict(r) for r in rows]}
+        (Path(args.checkpoint) / "calibration.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
-        print(dumps(out))
-    else:
-        for r in rows:
-            print(f"pos {r.position}: T={r.temperature:.3f} b={r.offset:+.2f} ECE {r.ece_before:.4f} -> "
-                  f"{r.ece_after:.4f} (held out {r.ece_heldout:.4f}, noise floor {r.ece_floor:.4f}) "
-                  f"AUROC {r.auroc:.3f} accept {r.accept_rate:.3f}")
+        print(dumps(results))
     return 0

@@ -20,6 +20,7 @@ from dspark.paths import repo_root
 
 WEIGHTS_FILE = "model.safetensors"
 KEEP_FP32 = ("conf.", "conf_temperature", "conf_offset", "draft_vocab_ids")  # small and precision-sensitive
+CALIBRATION = ("conf_temperature", "conf_offset", "conf_temperature_greedy", "conf_offset_greedy")
 
 
 def default_checkpoint(target_name: str, method: str) -> Path:
@@ -51,8 +52,8 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
     drafter = Drafter(cfg, target)
     load_weights(drafter, load_file(str(path / WEIGHTS_FILE)))
     drafter.to(device=device, dtype=dtype)
-    drafter.conf_temperature.data = drafter.conf_temperature.float()
-    drafter.conf_offset.data = drafter.conf_offset.float()
+    for name in CALIBRATION:
+        getattr(drafter, name).data = getattr(drafter, name).float()
     if cfg.confidence_head:
         drafter.conf.float()
     drafter.draft_vocab_ids.data = drafter.draft_vocab_ids.long()
@@ -60,17 +61,25 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
 
 
 def load_weights(drafter: Drafter, state: dict[str, torch.Tensor]) -> None:
-    """Load a drafter state dict; states from before calibration offsets get offsets 0."""
+    """Load a drafter state dict. States from before calibration offsets get offsets 0; from
+    before the greedy calibration, the greedy one starts as a copy of the sampled one."""
     state = {"conf_offset": torch.zeros(drafter.cfg.block_size), **state}
+    state.setdefault("conf_temperature_greedy", state["conf_temperature"].clone())
+    state.setdefault("conf_offset_greedy", state["conf_offset"].clone())
     drafter.load_state_dict(state)
 
 
-def save_calibration(directory: str | Path, temperatures: torch.Tensor, offsets: torch.Tensor) -> None:
-    """Overwrite the calibration T_1..T_K and offsets b_1..b_K stored in a checkpoint."""
+def save_calibration(directory: str | Path, temperatures: torch.Tensor, offsets: torch.Tensor,
+                     greedy: bool = False) -> None:
+    """Overwrite the calibration T_1..T_K and offsets b_1..b_K (of greedy or of sampled rounds)
+    stored in a checkpoint."""
     file = Path(directory) / WEIGHTS_FILE
     state = load_file(str(file))
     if state["conf_temperature"].shape != temperatures.shape or offsets.shape != temperatures.shape:
         raise ValueError("temperature / offset count does not match the block size")
-    state["conf_temperature"] = temperatures.float().cpu().contiguous()
-    state["conf_offset"] = offsets.float().cpu().contiguous()
+    state.setdefault("conf_temperature_greedy", state["conf_temperature"].clone())
+    state.setdefault("conf_offset_greedy", state.get("conf_offset", torch.zeros_like(temperatures)).clone())
+    suffix = "_greedy" if greedy else ""
+    state["conf_temperature" + suffix] = temperatures.float().cpu().contiguous()
+    state["conf_offset" + suffix] = offsets.float().cpu().contiguous()
     save_file(state, str(file))

@@ -126,8 +126,12 @@ class Drafter(nn.Module):
             self.mask_embedding = nn.Parameter(torch.zeros(d))
         if cfg.direct_path:
             self.direct = nn.Linear(d, d, bias=False)
+        # Calibration (T_k, b_k) per position, fitted separately on sampled (T = 1) and greedy
+        # rounds: acceptance at T = 0 is a different event from acceptance at T = 1.
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size))
-        self.register_buffer("conf_offset", torch.zeros(cfg.block_size))  # calibration logit offsets b_k
+        self.register_buffer("conf_offset", torch.zeros(cfg.block_size))
+        self.register_buffer("conf_temperature_greedy", torch.ones(cfg.block_size))
+        self.register_buffer("conf_offset_greedy", torch.zeros(cfg.block_size))
         ids = torch.arange(vd) if cfg.draft_vocab_size is None else torch.zeros(vd, dtype=torch.long)
         self.register_buffer("draft_vocab_ids", ids)  # (Vd,) target ids of the draft vocabulary
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
@@ -233,10 +237,14 @@ class Drafter(nn.Module):
         feats = torch.cat(parts, dim=-1)
         return nn.functional.linear(feats, self.conf.weight.float(), self.conf.bias.float()).squeeze(-1)
 
-    def calibrated(self, conf_logits: torch.Tensor) -> torch.Tensor:
-        """c_k = sigmoid(z_k / T_k + b_k); conf_logits (..., k) with k <= K."""
+    def calibrated(self, conf_logits: torch.Tensor, greedy: bool | torch.Tensor = False) -> torch.Tensor:
+        """c_k = sigmoid(z_k / T_k + b_k); conf_logits (..., k) with k <= K; `greedy` (bool, or
+        (...) bool per row) picks the calibration fitted on greedy rounds."""
         k = conf_logits.shape[-1]
-        return torch.sigmoid(conf_logits / self.conf_temperature[:k].float() + self.conf_offset[:k].float())
+        g = torch.as_tensor(greedy, device=conf_logits.device)[..., None]  # (..., 1)
+        t = torch.where(g, self.conf_temperature_greedy[:k], self.conf_temperature[:k]).float()
+        b = torch.where(g, self.conf_offset_greedy[:k], self.conf_offset[:k]).float()
+        return torch.sigmoid(conf_logits / t + b)
 
     def to_full_vocab(self, z: torch.Tensor) -> torch.Tensor:
         """(..., Vd) -> (..., V) with -inf for tokens outside the draft vocabulary (p_d = 0)."""

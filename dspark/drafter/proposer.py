@@ -79,7 +79,8 @@ class DrafterProposer:
         toks = torch.stack(tokens, 1)  # (B, L)
         qs = torch.stack(probs, 1)  # (B, L, V)
         raw = d.confidence_logits(h[:, :L], torch.stack(prevs, 1))  # (B, L) z_k
-        conf = None if raw is None else d.calibrated(raw)  # c_k = sigmoid(z_k / T_k)
+        greedy = torch.tensor([r.params.greedy for r in requests], device=d.device)  # (B,)
+        conf = None if raw is None else d.calibrated(raw, greedy)  # c_k = sigmoid(z_k / T_k + b_k)
         out = []
         for b, r in enumerate(requests):
             n = min(r.max_tokens, self.max_drafts)

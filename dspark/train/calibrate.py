@@ -11,6 +11,14 @@ flattens the head around 50%; when the head is biased (it learned acceptance on 
 conversations, and held-out prompts are accepted less often) no temperature removes the
 gap. On the shipped SmolLM2 drafter the temperature alone left position 1 at 5.2% ECE.
 Ties prefer T closest to 1, then b closest to 0. The loss is log loss (see fit_calibration).
+
+Degenerate positions: where the rounds that reached position k hold fewer than
+MIN_OUTCOMES acceptances or rejections, no fit is attempted (a log-loss fit there drives T
+to its smallest value and sends c_k to 0 or 1 by the sign of z). Such a position gets a flat
+c_k = the smoothed conditional acceptance rate (a + 1/2) / (n + 1), through T = T_MAX (z/T
+vanishes) and the matching offset: never a confidence near 1 where nothing was accepted.
+Calibration is fitted separately on greedy and on sampled rounds (`dspark calibrate
+--temperatures 0,1`), the two ways drafts are used.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import torch
 NUM_BINS = 15
 T_GRID = torch.logspace(-1.5, 1.5, 61)  # 0.03 .. 31.6, log-spaced
 B_GRID = torch.linspace(-3.0, 3.0, 61)  # logit offsets, step 0.1
+MIN_OUTCOMES = 10  # acceptances and rejections a position needs before its (T, b) is fitted
+T_FLAT = 1e4  # a position too thin to fit: z / T_FLAT ~ 0, c_k = sigmoid(b) = the smoothed rate
 
 
 def ece(pred: torch.Tensor, obs: torch.Tensor, num_bins: int = NUM_BINS) -> float:
@@ -74,6 +84,13 @@ def fit_calibration(conf_logits: torch.Tensor, num_accepted: torch.Tensor, t_gri
                                                                  abs(float(bb[i])))))
     for k in range(K):
         obs = num_accepted > k  # drafts 1..k+1 all accepted
+        reached = num_accepted >= k  # drafts 1..k accepted: position k+1 was tried
+        n, a = int(reached.sum()), int(obs.sum())
+        if min(a, n - a) < MIN_OUTCOMES:  # too thin to fit: flat smoothed conditional rate
+            rate = (a + 0.5) / (n + 1.0)
+            temps[k], offsets[k] = T_FLAT, math.log(rate / (1 - rate))
+            prefix = prefix * rate
+            continue
         s = prefix.double()[None] * torch.sigmoid(conf_logits[:, k].double()[None] / tt + bb)  # (G, R)
         if objective == "nll":
             errors = torch.nn.functional.binary_cross_entropy(

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dspark.drafter.checkpoint import WEIGHTS_FILE, load_weights, save_drafter
+from dspark.drafter.checkpoint import CALIBRATION, WEIGHTS_FILE, load_weights, save_drafter
 from dspark.drafter.config import CONFIG_FILE, DrafterConfig, default_taps
 from dspark.drafter.model import Drafter
 from dspark.errors import UserError
@@ -108,8 +108,8 @@ class Trainer:
             raise UserError("no training example has an anchor with a label")
         self.seqs = list(range(len(self.examples)))
         self.drafter = self._build_drafter().to(self.device, DTYPES[cfg.dtype])
-        self.drafter.conf_temperature.data = self.drafter.conf_temperature.float()
-        self.drafter.conf_offset.data = self.drafter.conf_offset.float()
+        for name in CALIBRATION:
+            getattr(self.drafter, name).data = getattr(self.drafter, name).float()
         self.opt = torch.optim.AdamW([p for p in self.drafter.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         per_step = cfg.batch_size * cfg.grad_accum

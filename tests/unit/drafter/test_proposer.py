@@ -100,3 +100,28 @@ def test_gated_rounds_hand_their_features_to_the_next_drafted_round() -> None:
     eng = Engine(target, (), proposer, EngineConfig(max_batch_size=3, max_seq_len=64, block_size=4), gate=gate)
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in ar]
     assert gate.drafted_rounds >= 3 and gate.skipped_rounds >= gate.drafted_rounds
+
+
+def test_greedy_and_sampled_rows_use_their_own_calibration(tmp_path) -> None:
+    from dspark.drafter.checkpoint import load_drafter, save_calibration
+
+    d, ids, feats = _setup()
+    save_drafter(d, tmp_path, dtype=torch.float32)
+    K = d.cfg.block_size
+    save_calibration(tmp_path, torch.ones(K), torch.full((K,), -2.0), greedy=True)
+    save_calibration(tmp_path, torch.ones(K), torch.full((K,), 2.0), greedy=False)
+    back = load_drafter(tmp_path, d.target, dtype=torch.float32)
+    z = torch.zeros(2, K)
+    c = back.calibrated(z, torch.tensor([True, False]))
+    torch.testing.assert_close(c[0], torch.sigmoid(torch.full((K,), -2.0)))
+    torch.testing.assert_close(c[1], torch.sigmoid(torch.full((K,), 2.0)))
+    prop = DrafterProposer(back, "dspark")
+    for seq in (0, 1):
+        prop.start(seq, ids[:9].tolist())
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=1.0, seed=1)
+    drafts = prop.propose([DraftRequest(0, ids[:10].tolist(), K, greedy, new_features=feats[:9]),
+                           DraftRequest(1, ids[:10].tolist(), K, sampled, new_features=feats[:9],
+                                        generator=torch.Generator().manual_seed(0))])
+    raw0, raw1 = prop.last_conf_logits[0], prop.last_conf_logits[1]
+    torch.testing.assert_close(drafts[0].confidences, torch.sigmoid(raw0 - 2.0))
+    torch.testing.assert_close(drafts[1].confidences, torch.sigmoid(raw1 + 2.0))

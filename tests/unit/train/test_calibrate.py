@@ -65,11 +65,23 @@ def test_offset_removes_a_bias_no_temperature_can() -> None:
     assert ece(torch.full_like(s_tb, float(obs.float().mean())), obs) < 1e-6
 
 
-def test_positions_without_signal_keep_temperature_one() -> None:
-    z = torch.randn(50, 2)
-    n = torch.zeros(50, dtype=torch.long)  # nothing ever accepted: ECE ties at every T near 0
-    temps, _ = fit_calibration(z, n, b_grid=torch.zeros(1), objective="ece")
-    assert temps[1] == 1.0 or abs(float(temps[1].log())) <= abs(float(temps[0].log()))
+def test_positions_nothing_was_accepted_at_get_a_flat_low_confidence() -> None:
+    """The shipped fit had T = 0.04 where nothing was accepted: sigmoid(z / 0.04) is ~1
+    wherever z > 0. A thin position gets the smoothed conditional rate instead."""
+    from dspark.train.calibrate import MIN_OUTCOMES, survival
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 3, generator=g) * 3 + 2  # confident raw logits everywhere
+    n = (torch.rand(400, generator=g) < 0.5).long()  # position 1: half accepted; 2 and 3: never
+    temps, offsets = fit_calibration(z, n)
+    s = survival(z, temps, offsets)
+    reached2, acc2 = int((n >= 1).sum()), 0
+    assert temps[1] > 100 and temps[2] > 100  # flat: z no longer matters
+    c2 = s[:, 1] / s[:, 0]
+    torch.testing.assert_close(c2, torch.full_like(c2, (acc2 + 0.5) / (reached2 + 1)), rtol=1e-3, atol=1e-6)
+    assert float(s[:, 1:].max()) < 0.01  # never near 1 where nothing was accepted
+    assert MIN_OUTCOMES <= min(int((n > 0).sum()), int((n == 0).sum()))  # position 1 was fitted
+    assert temps[0] < 100
 
 
 def test_cross_fitted_ece_scores_rounds_the_fit_never_saw() -> None:
