@@ -1,10 +1,12 @@
-"""Learning curves of the SmolLM2 drafters from their training logs (stage 1, then stage 2).
+"""Held-out learning curves of drafter runs, against the anchors (blocks) they trained on.
 
-Left: DSpark's estimated T=1 acceptance per block position (1 - TV to the target, on the
-training batches); right: the CE term of DSpark and of the DFlash-style control. x = sequences
-seen; a dotted line marks where stage 2 (more data, warm start) begins.
+Each run directory holds `eval.jsonl` (dspark/train/trainer.py: teacher-forced held-out
+metrics every `eval_every` steps) and, for runs evaluated with real draft + verify rounds,
+`tau.jsonl` (scripts/train-smollm2-drafters.sh). Stages of one run (`init_from`) are drawn
+as one curve: anchors continue where the previous stage stopped.
 
-    .venv/bin/python scripts/plot_training.py [--out docs/img/training-smollm2.png]
+    .venv/bin/python scripts/plot_training.py --ab paper direct          # the A/B arms
+    .venv/bin/python scripts/plot_training.py --runs dspark dflash       # the shipped runs
 """
 
 from __future__ import annotations
@@ -15,66 +17,77 @@ from pathlib import Path
 
 from dspark.paths import cache_dir
 
-RUNS = cache_dir() / "train" / "smollm2-135m-instruct"
-SEQS_PER_STEP = 4  # batch_size x grad_accum in the shipped configs
+ROOT = cache_dir() / "train" / "smollm2-135m-instruct"
 
 
-def read_stages(method: str) -> tuple[list[dict], int]:
-    """Log records of stage 1 then stage 2 (steps renumbered), and stage 2's first step."""
-    records, boundary = [], 0
-    for run in (f"run-{method}", f"run-{method}-stage2"):
-        log = RUNS / run / "log.jsonl"
-        if not log.is_file():
-            continue
-        boundary = len(records)
-        records += [json.loads(line) for line in log.read_text().splitlines() if line]
-    return records, boundary
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def smooth(values: list[float], window: int = 25) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
+def stages(run: Path) -> list[Path]:
+    """The run and its continuation stages: run, run-stage2, run-stage3, ..."""
+    out = [run]
+    while (nxt := run.with_name(f"{run.name}-stage{len(out) + 1}")).is_dir():
+        out.append(nxt)
     return out
+
+
+def curve(run: Path, name: str = "eval.jsonl") -> list[dict]:
+    recs, offset = [], 0
+    for part in stages(run):
+        rows = read(part / name)
+        for r in rows:
+            recs.append({**r, "anchors_seen": r.get("anchors_seen", 0) + offset})
+        log = read(part / "log.jsonl")
+        offset += log[-1]["anchors_seen"] if log else 0
+    return recs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/img/training-smollm2.png")
+    ap.add_argument("--ab", nargs="*", default=None, help="A/B arms under <cache>/train/<model>/ab/")
+    ap.add_argument("--runs", nargs="*", default=None, help="runs under <cache>/train/<model>/run-<name>")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dspark, b_dspark = read_stages("dspark")
-    dflash, _ = read_stages("dflash")
-    if not dspark:
-        raise SystemExit(f"no training logs under {RUNS}")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    x = [i * SEQS_PER_STEP for i in range(1, len(dspark) + 1)]
-    for pos in (0, 1, 3, 6):
-        ax1.plot(x, smooth([r["accept_per_pos"][pos] for r in dspark]), label=f"position {pos + 1}")
-    ax1.set(xlabel="sequences seen", ylabel="est. acceptance (T=1, training batches)",
-            title="DSpark: acceptance per block position", ylim=(0, None))
-    for name, recs in (("DSpark", dspark), ("DFlash-style", dflash)):
-        if recs:
-            xs = [i * SEQS_PER_STEP for i in range(1, len(recs) + 1)]
-            ax2.plot(xs, smooth([r["loss_ce"] for r in recs]), label=name)
-    ax2.set(xlabel="sequences seen", ylabel="CE (position-weighted)", title="cross-entropy term",
-            yscale="log")
-    for ax in (ax1, ax2):
-        if b_dspark:
-            ax.axvline(b_dspark * SEQS_PER_STEP, color="grey", ls=":", lw=1)
-            ax.text(b_dspark * SEQS_PER_STEP, ax.get_ylim()[1], " stage 2", va="top", fontsize=8,
-                    color="grey")
+    if args.ab is not None:
+        runs = {arm: ROOT / "ab" / arm for arm in args.ab}
+        out = args.out or "docs/img/drafter-ab.png"
+    else:
+        runs = {name: ROOT / f"run-{name}" for name in (args.runs or ["dspark", "dflash"])}
+        out = args.out or "docs/img/training-smollm2.png"
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, run in runs.items():
+        recs = curve(run)
+        if not recs:
+            print(f"{name}: no eval.jsonl under {run}")
+            continue
+        x = [r["anchors_seen"] / 1e3 for r in recs]
+        ax1.plot(x, [r["heldout_tau_tf"] for r in recs], "o-", ms=3, label=name)
+        ax2.plot(x, [r["heldout_greedy_per_pos"][0] for r in recs], "o-", ms=3, label=f"{name} pos 1")
+        ax2.plot(x, [r["heldout_greedy_per_pos"][2] for r in recs], "x--", ms=3, label=f"{name} pos 3")
+        ax3.plot(x, [r["heldout_accept_per_pos"][0] for r in recs], "o-", ms=3, label=f"{name} pos 1")
+        tau = curve(run, "tau.jsonl")
+        if tau:
+            ax1.plot([r["anchors_seen"] / 1e3 for r in tau], [r["tau"] for r in tau], "s:", ms=5,
+                     label=f"{name}: real rounds, eval prompts")
+    ax1.set(xlabel="anchors trained on (thousands)", ylabel="tau (T=0)",
+            title="held-out accepted length (greedy, teacher-forced)")
+    ax2.set(xlabel="anchors trained on (thousands)", ylabel="P(accepted through k)",
+            title="held-out greedy acceptance", ylim=(0, None))
+    ax3.set(xlabel="anchors trained on (thousands)", ylabel="1 - TV(draft, target)",
+            title="held-out T=1 acceptance, position 1", ylim=(0, None))
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

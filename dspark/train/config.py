@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     anchors_per_seq: int = Field(32, ge=1, description="N: anchors sampled per sequence visit")
     max_len: int = Field(1024, ge=8, description="tokens per example (prompt + answer), longer ones are cut")
     top_k: int = Field(64, ge=1, description="target distribution kept as its top k + tail mass")
+    feature_weight: float = Field(0.0, ge=0, description="weight of the feature regression term (0: the paper's "
+                                                         "loss); regresses the drafter's final-normed state on "
+                                                         "the target's LM-head input at a + j")
     clip_norm: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")

@@ -5,6 +5,9 @@ supervised slots:
     L_tv   = sum_v |p(v) - p_t(v)|                          L1 (= 2 TV)
     L_conf = BCE(conf_logit, sg[1 - 0.5 * L1])              exact T=1 acceptance of one draft
     total  = 0.1 L_ce + 0.9 L_tv + 1.0 L_conf               (DFlash control: L_ce only)
+           (+ lambda L_feat, optional: mean_d (h_j - h_t)^2, the drafter's final-normed state
+            against the target's LM-head input at a + j; an extension beyond the paper, after
+            EAGLE's feature regression: a dense 576-dim signal per slot instead of one label)
 
 The target distribution arrives as its top k tokens T plus the tail mass t = 1 - p_t(T)
 (dspark/train/online.py), and the L1 is taken over T and the rest lumped together:
@@ -34,6 +37,7 @@ class LossTerms:
     tv: torch.Tensor | None
     conf: torch.Tensor | None
     conf_kl: torch.Tensor | None  # L_conf minus the soft labels' own entropy: the reducible part
+    feat: torch.Tensor | None  # feature regression term (None when off)
     accept_per_pos: torch.Tensor  # (K,) mean of 1 - 0.5 L1 per slot (expected T=1 acceptance)
     count_per_pos: torch.Tensor  # (K,) supervised slots per position
 
@@ -147,11 +151,19 @@ class TargetTopK:
     tail: torch.Tensor
 
 
+def feature_loss(hidden: torch.Tensor, target_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over slots of mean_d (h - h_t)^2: (B, N, K, d), (B, N, K, d), (B, N, K)."""
+    return weighted_mean((hidden.float() - target_hidden.float()).pow(2).mean(-1), weights)
+
+
 def drafter_loss(draft_logits: torch.Tensor, conf_logits: torch.Tensor | None,
                  target: TargetTopK | None, labels: torch.Tensor, supervised: torch.Tensor,
-                 gamma: float, vocab_ids: torch.Tensor | None = None, ce_only: bool = False) -> LossTerms:
+                 gamma: float, vocab_ids: torch.Tensor | None = None, ce_only: bool = False,
+                 hidden: torch.Tensor | None = None, target_hidden: torch.Tensor | None = None,
+                 feature_weight: float = 0.0) -> LossTerms:
     """draft_logits (B, N, K, Vd); conf_logits (B, N, K); target: top-k of p_t per slot;
-    labels (B, N, K) target-vocab ids; supervised (B, N, K) bool."""
+    labels (B, N, K) target-vocab ids; supervised (B, N, K) bool; hidden / target_hidden
+    (B, N, K, d) for the optional feature term."""
     K = labels.shape[-1]
     w = position_weights(K, gamma).to(labels.device) * supervised.float()  # (B, N, K)
     lab = labels
@@ -170,13 +182,19 @@ def drafter_loss(draft_logits: torch.Tensor, conf_logits: torch.Tensor | None,
     ce, l1 = ce_and_l1(draft_logits, lab, top_ids, target.probs, target.tail)  # (B, N, K) each
     l_ce = weighted_mean(ce, w * (lab >= 0).float())  # labels outside the draft vocabulary are left out
     count = supervised.float().sum((0, 1))
+    l_feat = None
+    if feature_weight > 0 and hidden is not None and target_hidden is not None:
+        l_feat = feature_loss(hidden, target_hidden, w)
     if ce_only:
         zero = torch.zeros(K, device=labels.device)
-        return LossTerms(total=l_ce, ce=l_ce, tv=None, conf=None, conf_kl=None, accept_per_pos=zero,
-                         count_per_pos=count)
+        total = l_ce if l_feat is None else l_ce + feature_weight * l_feat
+        return LossTerms(total=total, ce=l_ce, tv=None, conf=None, conf_kl=None, feat=l_feat,
+                         accept_per_pos=zero, count_per_pos=count)
     l_tv = weighted_mean(l1, w)
     accept = (1 - 0.5 * l1).detach()  # soft label: P(accept one sampled draft | T = 1)
     total = CE_WEIGHT * l_ce + TV_WEIGHT * l_tv
+    if l_feat is not None:
+        total = total + feature_weight * l_feat
     l_conf = conf_kl = None
     if conf_logits is not None:
         y = accept.clamp(0, 1)
@@ -187,5 +205,5 @@ def drafter_loss(draft_logits: torch.Tensor, conf_logits: torch.Tensor | None,
         total = total + CONF_WEIGHT * l_conf
     s = supervised.float()
     acc_pos = (accept * s).sum((0, 1)) / count.clamp_min(1)
-    return LossTerms(total=total, ce=l_ce, tv=l_tv, conf=l_conf, conf_kl=conf_kl, accept_per_pos=acc_pos,
-                     count_per_pos=count)
+    return LossTerms(total=total, ce=l_ce, tv=l_tv, conf=l_conf, conf_kl=conf_kl, feat=l_feat,
+                     accept_per_pos=acc_pos, count_per_pos=count)

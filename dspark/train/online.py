@@ -30,6 +30,7 @@ class TargetBatch:
     loss_mask: torch.Tensor  # (B, S) bool
     lengths: list[int]
     taps: torch.Tensor  # (B, S, m, d) raw tapped layer outputs (target dtype)
+    final: torch.Tensor  # (B, S, d) final-normed hidden states: the LM head's input (target dtype)
     top_ids: torch.Tensor  # (B, S, k) the target's k most likely next tokens (0 off the answer)
     top_probs: torch.Tensor  # (B, S, k) float32, their probabilities
     tail: torch.Tensor  # (B, S) float32, the mass outside the top k
@@ -73,4 +74,4 @@ def capture(target: CausalLM, examples: list[Example], taps: tuple[int, ...], k:
     top_probs = torch.zeros(B, S, k, dtype=torch.float32, device=dev)
     tail = torch.zeros(B, S, dtype=torch.float32, device=dev)
     top_ids[mask], top_probs[mask], tail[mask] = p_ids, p_probs, p_tail
-    return TargetBatch(ids.to(dev), mask, lengths, torch.stack(tapped, dim=2), top_ids, top_probs, tail)
+    return TargetBatch(ids.to(dev), mask, lengths, torch.stack(tapped, dim=2), final, top_ids, top_probs, tail)

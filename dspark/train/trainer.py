@@ -203,15 +203,24 @@ class Trainer:
         k = tb.top_ids.shape[-1]
         gather = lambda t: t.gather(1, pos[..., None].expand(-1, -1, k)).view(B, N, K, k)  # noqa: E731
         target = TargetTopK(gather(tb.top_ids), gather(tb.top_probs), tb.tail.gather(1, pos).view(B, N, K))
-        return out, target
+        return out, target, pos
+
+    def _target_hidden(self, tb: TargetBatch, pos: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+        """The target's LM-head input at a + j, (B, N, K, d): the feature term's target."""
+        if self.cfg.feature_weight == 0:
+            return None
+        d = tb.final.shape[-1]
+        return tb.final.gather(1, pos[..., None].expand(-1, -1, d)).view(*shape, d)
 
     def _loss(self, tb: TargetBatch, blocks: AnchorBatch):
-        out, target = self._forward(tb, blocks)
+        out, target, pos = self._forward(tb, blocks)
         vocab = None if self.drafter.cfg.draft_vocab_size is None else self.drafter.draft_vocab_ids
         dev = self.device
         return drafter_loss(out.logits, out.conf_logits, None if self.cfg.method == "dflash" else target,
                             blocks.labels.to(dev), blocks.supervised.to(dev), self.drafter.cfg.gamma, vocab,
-                            ce_only=self.cfg.method == "dflash")
+                            ce_only=self.cfg.method == "dflash", hidden=out.hidden,
+                            target_hidden=self._target_hidden(tb, pos, blocks.labels.shape),
+                            feature_weight=self.cfg.feature_weight)
 
     @torch.enable_grad()  # whatever grad mode the caller's process is in
     def train_step(self) -> dict[str, Any]:
@@ -226,7 +235,7 @@ class Trainer:
             slots += int(blocks.supervised.sum())
             terms = self._loss(tb, blocks)
             (terms.total / self.cfg.grad_accum).backward()
-            for name in ("total", "ce", "tv", "conf", "conf_kl"):
+            for name in ("total", "ce", "tv", "conf", "conf_kl", "feat"):
                 v = getattr(terms, name)
                 if v is not None:
                     sums[name] = sums.get(name, 0.0) + float(v.detach()) / self.cfg.grad_accum
@@ -260,7 +269,7 @@ class Trainer:
             anchors = [sample_anchors(tb.loss_mask[0].cpu(), len(ex), 10**9, gen)]
             blocks = block_targets(tb.input_ids.cpu(), tb.loss_mask.cpu(), tb.lengths, anchors, K)
             blocks = with_target_labels(blocks, tb, [ex.target_labels])
-            out, target = self._forward(tb, blocks)
+            out, target, _ = self._forward(tb, blocks)
             log_p = torch.log_softmax(out.logits.float(), -1)
             idx = target.ids if vocab is None else self._lookup()[target.ids]
             l1 = l1_top_k(log_p, idx, target.probs, target.tail)
@@ -332,7 +341,7 @@ class Trainer:
         st = torch.load(path, weights_only=False)
         if st["drafter_config"] != self.drafter.cfg.model_dump():
             raise ValueError(f"{path} was written for a different drafter configuration")
-        self.drafter.load_state_dict(st["drafter"])
+        load_weights(self.drafter, st["drafter"])  # fills calibration buffers added since
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         self.anchor_gen.set_state(st["anchor_rng"])

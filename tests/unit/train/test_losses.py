@@ -116,3 +116,21 @@ def test_fused_loss_accepts_bf16_logits_and_returns_bf16_gradients() -> None:
     ce, l1 = ce_and_l1(zb, y, idx, probs, tail)
     (ce.sum() + l1.sum()).backward()
     assert ce.dtype == torch.float32 and zb.grad.dtype == torch.bfloat16 and torch.isfinite(zb.grad.float()).all()
+
+
+def test_feature_term_is_a_position_weighted_mean_square_and_optional() -> None:
+    from dspark.train.losses import feature_loss
+
+    h = torch.zeros(1, 1, 2, 4)
+    t = torch.tensor([[[[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]]]])  # per-slot mean squares 1 and 1
+    w = torch.tensor([[[1.0, 0.0]]])
+    torch.testing.assert_close(feature_loss(h, t, w), torch.tensor(1.0))
+    t[0, 0, 0] = 0.0
+    torch.testing.assert_close(feature_loss(h, t, w), torch.tensor(0.0))  # slot 2 has weight 0
+    logits = torch.zeros(1, 1, 2, 3)
+    labels, sup = torch.tensor([[[0, 1]]]), torch.ones(1, 1, 2, dtype=torch.bool)
+    off = drafter_loss(logits, None, None, labels, sup, gamma=4.0, ce_only=True, hidden=h, target_hidden=t)
+    on = drafter_loss(logits, None, None, labels, sup, gamma=4.0, ce_only=True, hidden=h, target_hidden=t + 1,
+                      feature_weight=0.5)
+    assert off.feat is None and on.feat is not None
+    torch.testing.assert_close(on.total, off.total + 0.5 * on.feat)

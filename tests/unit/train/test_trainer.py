@@ -137,3 +137,9 @@ def test_teacher_forced_rows_take_the_targets_argmax_as_labels(tmp_path) -> None
 
 def test_lr_schedule_can_hold_then_decay() -> None:
     assert [round(lr_factor(s, 100, 0.04, 0.2), 3) for s in (0, 3, 50, 80, 90, 100)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_feature_regression_pulls_the_drafter_state_toward_the_targets(tmp_path) -> None:
+    tr = _trainer(tmp_path, max_steps=30, lr=1e-2, warmup_frac=0.05, feature_weight=1.0, heldout=0)
+    recs = tr.train(progress=False)
+    assert recs[-1]["loss_feat"] < recs[0]["loss_feat"]
