@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,8 @@ from services.state.redis_state import FleetState, StateConfig  # noqa: E402
 from services.state.server import RedisServer, free_port  # noqa: E402
 
 OBJECT_STORE_BYTES = 512 * 2**20
+STOP_STEP_TIMEOUT_S = 20.0
+LOCAL_RAY_ATTEMPTS = 3
 
 
 class LocalFleet:
@@ -61,13 +64,17 @@ class LocalFleet:
         self._deployed = False
         self._ray_tmp: str | None = None
         self._stopped = False
+        self._keep_ray_logs = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> LocalFleet:
         try:
             return self._start()
-        except BaseException:
-            self.stop()  # a half-started fleet must not leave redis-server or Ray behind
+        except BaseException as e:
+            # A half-started fleet must not leave redis-server or Ray running; a failed one
+            # keeps Ray's logs for diagnosis (an interrupted one does not).
+            self._keep_ray_logs = not isinstance(e, KeyboardInterrupt)
+            self.stop()
             raise
 
     def _start(self) -> LocalFleet:
@@ -99,12 +106,24 @@ class LocalFleet:
         kwargs: dict[str, Any] = {}
         if self.ray_metrics_port is not None:
             kwargs["_metrics_export_port"] = free_port(LOOPBACK)
-        # A private session folder, removed by stop() (Ray would leave /tmp/ray/session_* behind).
-        self._ray_tmp = tempfile.mkdtemp(prefix="dspark-ray-")
-        _init_ray(address="local", num_cpus=self.num_cpus or 4, include_dashboard=False,
-                  object_store_memory=OBJECT_STORE_BYTES, resources=self.cfg.pool_resources(),
-                  namespace="dspark", _node_ip_address=LOOPBACK, _temp_dir=self._ray_tmp,
-                  runtime_env={"worker_process_setup_hook": REPLICA_SETUP_HOOK}, **kwargs)
+        for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+            # A private session folder, removed by stop() (Ray would leave /tmp/ray/session_* behind).
+            self._ray_tmp = tempfile.mkdtemp(prefix="dspark-ray-")
+            try:
+                _init_ray(address="local", num_cpus=self.num_cpus or 4, include_dashboard=False,
+                          object_store_memory=OBJECT_STORE_BYTES, resources=self.cfg.pool_resources(),
+                          namespace="dspark", _node_ip_address=LOOPBACK, _temp_dir=self._ray_tmp,
+                          runtime_env={"worker_process_setup_hook": REPLICA_SETUP_HOOK}, **kwargs)
+                break
+            except Exception as e:
+                # The raylet gives its agents ~15 s to come up and aborts otherwise; on a loaded
+                # small machine the Python agents can take longer (observed: 21 s).
+                if "timed out during startup" not in str(e) or attempt == LOCAL_RAY_ATTEMPTS:
+                    raise
+                print(f"fleet start: local Ray did not come up ({e}); attempt {attempt + 1} of "
+                      f"{LOCAL_RAY_ATTEMPTS}", file=sys.stderr, flush=True)
+                ray.shutdown()
+                shutil.rmtree(self._ray_tmp, ignore_errors=True)
         self._own_ray = True
         if "_metrics_export_port" in kwargs:
             relay = MetricsRelay(kwargs["_metrics_export_port"], self.host, self.ray_metrics_port)
@@ -169,11 +188,9 @@ class LocalFleet:
         if not ray.is_initialized():
             return
         if self._deployed:  # an attached application belongs to whoever deployed it
-            with contextlib.suppress(Exception):
-                serve.delete(self.cfg.app_name)
+            _bounded(lambda: serve.delete(self.cfg.app_name), "deleting the Serve application")
         if self._own_ray:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            _bounded(serve.shutdown, "stopping Ray Serve")
         ray.shutdown()
 
     def _stop_local(self) -> None:
@@ -183,7 +200,10 @@ class LocalFleet:
             self.redis.stop()
             self.redis = None
         if self._ray_tmp is not None:
-            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            if self._keep_ray_logs:
+                print(f"fleet start failed: Ray's logs are in {self._ray_tmp}", file=sys.stderr, flush=True)
+            else:
+                shutil.rmtree(self._ray_tmp, ignore_errors=True)
             self._ray_tmp = None
 
     def __enter__(self) -> LocalFleet:
@@ -191,6 +211,23 @@ class LocalFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _bounded(step: Any, what: str, timeout_s: float = STOP_STEP_TIMEOUT_S) -> None:
+    """A graceful shutdown step that may never return: when systemd (or `timeout`) signals
+    the whole process group, Ray's own raylet and GCS die with us and Serve calls wait for
+    them forever, until Ray's core kills the process and leaves redis-server behind. Give up
+    on the step after `timeout_s`; `ray.shutdown()` and the local clean-up still run."""
+    done = threading.Event()
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            step()
+        done.set()
+
+    threading.Thread(target=run, name=f"stop: {what}", daemon=True).start()
+    if not done.wait(timeout_s):
+        print(f"fleet stop: {what} did not finish in {timeout_s:.0f}s, going on", file=sys.stderr, flush=True)
 
 
 def _init_ray(**kwargs: Any) -> None:

@@ -312,14 +312,20 @@ def test_helm_router_attaches_serves_and_stops_cleanly(helm: Path, render_chart:
     write_mounted_files(container, mounts, loc.text)
     head = k8s_container(cluster["headGroupSpec"]["template"]["spec"], "ray-head", img, config_maps)
     ray_tmp = tempfile.mkdtemp(prefix="dspark-rh-")
-    head_proc = LocalProcess("ray-head", head_command(cluster["headGroupSpec"], cluster["workerGroupSpecs"], own,
-                                                      gcs, client, ray_tmp),
-                             loc.env(head.env), REPO, tmp_path, new_marker())
+    head_argv = head_command(cluster["headGroupSpec"], cluster["workerGroupSpecs"], own, gcs, client, ray_tmp)
+    head_proc = LocalProcess("ray-head", head_argv, loc.env(head.env), REPO, tmp_path, new_marker())
     router_proc = LocalProcess("router", executable(loc.argv(container.argv)), loc.env(container.env),
                                Path(loc.value(container.workdir)), tmp_path, new_marker())
     try:
         steps = Steps("helm")
-        head_proc.start().wait_for("Ray runtime started", 120)
+        for attempt in (1, 2, 3):  # the raylet aborts if its agents need > ~15 s (a loaded machine)
+            try:
+                head_proc.start().wait_for("Ray runtime started", 180)
+                break
+            except AssertionError:
+                if attempt == 3 or "timed out during startup" not in head_proc.log():
+                    raise
+                kill_all(head_proc.marker)
         steps.done("Ray head started")
         deployed = standin(["deploy", f"{LOOPBACK}:{gcs}", json.dumps(localized(serve_config, loc))], head_proc)
         assert "deployed" in deployed.stdout, deployed.stdout + deployed.stderr
