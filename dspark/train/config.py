@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(2, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     anchors_per_seq: int = Field(32, ge=1, description="N: anchors sampled per sequence visit")
+    steps_per_capture: int = Field(1, ge=1, description="optimizer steps taken on slices of one target capture")
     max_len: int = Field(1024, ge=8, description="tokens per example (prompt + answer), longer ones are cut")
     top_k: int = Field(64, ge=1, description="target distribution kept as its top k + tail mass")
     feature_weight: float = Field(0.0, ge=0, description="weight of the feature regression term (0: the paper's "

@@ -78,6 +78,11 @@ def teacher_forced_metrics(out_logits: torch.Tensor, blocks: AnchorBatch, target
             full.sum().float(), (run.sum(-1) * full).sum().float())
 
 
+def _take(blocks: AnchorBatch, idx: torch.Tensor) -> AnchorBatch:
+    """The blocks at anchor indices `idx` (ascending) of every row."""
+    return AnchorBatch(*(t[:, idx] for t in (blocks.anchors, blocks.labels, blocks.target_pos, blocks.supervised)))
+
+
 def with_target_labels(blocks: AnchorBatch, tb: TargetBatch, flags: list[bool]) -> AnchorBatch:
     """Rows flagged (teacher-forced text) take the target's argmax at a + j as the label of
     slot j instead of the data token at a + j + 1; supervision is unchanged."""
@@ -118,6 +123,7 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, self.total_steps, cfg.warmup_frac, cfg.decay_frac))
         self.anchor_gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.epoch, self.cursor, self.anchors_seen = 0, 0, 0, 0
+        self._pending: list[tuple[TargetBatch, AnchorBatch]] = []  # slices of the current capture
         self._order = self._epoch_order(0)
 
     # -- setup -------------------------------------------------------------------------
@@ -193,6 +199,20 @@ class Trainer:
                                self.drafter.cfg.block_size)
         return tb, with_target_labels(blocks, tb, [e.target_labels for e in examples])
 
+    def _next_micro_batch(self) -> tuple[TargetBatch, AnchorBatch]:
+        """The next slice of the current capture. One target forward serves
+        `steps_per_capture` micro-batches: its anchors are shuffled (sampling already drew
+        them at random) and split, so the capture is paid once while the optimizer takes
+        several smaller steps (Adam's progress is per step; a 3,500-slot step bought little
+        more than a 900-slot one)."""
+        if not self._pending:
+            tb, blocks = self._micro_batch([self.examples[i] for i in self._next_indices(self.cfg.batch_size)])
+            n = blocks.anchors.shape[1]
+            parts = max(1, min(self.cfg.steps_per_capture, n))
+            order = torch.randperm(n, generator=self.anchor_gen)
+            self._pending = [(tb, _take(blocks, idx.sort().values)) for idx in order.chunk(parts)]
+        return self._pending.pop(0)
+
     def _forward(self, tb: TargetBatch, blocks: AnchorBatch):
         """(draft output, TargetTopK per slot) for one micro-batch."""
         dev = self.device
@@ -230,7 +250,7 @@ class Trainer:
         cnt = torch.zeros(self.drafter.cfg.block_size)
         anchors = slots = 0
         for _ in range(self.cfg.grad_accum):
-            tb, blocks = self._micro_batch([self.examples[i] for i in self._next_indices(self.cfg.batch_size)])
+            tb, blocks = self._next_micro_batch()
             anchors += int(blocks.supervised[..., 0].sum())
             slots += int(blocks.supervised.sum())
             terms = self._loss(tb, blocks)
@@ -299,7 +319,7 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress)
         with open(self.out / "log.jsonl", "a") as log, open(self.out / "eval.jsonl", "a") as ev:
-            while self.step < end:
+            while self.step < end or (self._pending and self.step < self.total_steps):  # finish a capture
                 rec = self.train_step()
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
                 records.append(rec)
@@ -313,7 +333,13 @@ class Trainer:
                     ev.flush()
                     bar.write(f"step {self.step}: held-out tau (teacher-forced) {e['heldout_tau_tf']}, "
                               f"accept {e['heldout_accept_per_pos'][:3]}")
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                due = self.step % self.cfg.checkpoint_every == 0 or self.step == end
+                if due and not self._pending:  # only between captures: a checkpoint never holds one
+                    self.save_checkpoint()
+                elif due:
+                    self._checkpoint_owed = True
+                if getattr(self, "_checkpoint_owed", False) and not self._pending:
+                    self._checkpoint_owed = False
                     self.save_checkpoint()
         bar.close()
         return records

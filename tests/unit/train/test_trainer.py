@@ -143,3 +143,25 @@ def test_feature_regression_pulls_the_drafter_state_toward_the_targets(tmp_path)
     tr = _trainer(tmp_path, max_steps=30, lr=1e-2, warmup_frac=0.05, feature_weight=1.0, heldout=0)
     recs = tr.train(progress=False)
     assert recs[-1]["loss_feat"] < recs[0]["loss_feat"]
+
+
+def test_steps_per_capture_slices_one_capture_and_resumes_exactly(tmp_path, monkeypatch) -> None:
+    import dspark.train.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.capture
+    monkeypatch.setattr(trainer_mod, "capture", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    target = tiny_target()
+    kw = dict(steps_per_capture=2, grad_accum=1, batch_size=1, anchors_per_seq=8, checkpoint_every=3, heldout=0)
+    full = _trainer(tmp_path / "a", target, **kw)
+    recs = full.train(progress=False)
+    assert len(calls) == 3  # 6 steps, two per capture
+    assert all(r["anchors_seen"] - p["anchors_seen"] <= 4 for p, r in zip([{"anchors_seen": 0}] + recs, recs))
+    part = _trainer(tmp_path / "b", target, **kw)
+    assert part.train(stop_after=3, progress=False)[-1]["step"] == 4  # a stop finishes its capture
+    assert torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=False)["step"] == 4
+    again = _trainer(tmp_path / "b", target, **kw)
+    assert again.resume() and again.step == 4
+    again.train(progress=False)
+    for (name, p), q in zip(full.drafter.state_dict().items(), again.drafter.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
