@@ -7,6 +7,7 @@ as one curve: anchors continue where the previous stage stopped.
 
     .venv/bin/python scripts/plot_training.py --ab paper direct          # the A/B arms
     .venv/bin/python scripts/plot_training.py --runs dspark dflash       # the shipped runs
+    .venv/bin/python scripts/plot_training.py --ab paper "s4=run-dspark" # label=run directory
 """
 
 from __future__ import annotations
@@ -54,32 +55,36 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.ab is not None:
-        runs = {arm: ROOT / "ab" / arm for arm in args.ab}
+    if args.ab is not None:  # an arm is a name under ab/, or label=directory under the model's runs
+        runs = {}
+        for arm in args.ab:
+            label, _, path = arm.partition("=")
+            runs[label] = ROOT / path if path else ROOT / "ab" / arm
         out = args.out or "docs/img/drafter-ab.png"
     else:
         runs = {name: ROOT / f"run-{name}" for name in (args.runs or ["dspark", "dflash"])}
         out = args.out or "docs/img/training-smollm2.png"
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
+        color = f"C{i}"
         recs = curve(run)
         if not recs:
             print(f"{name}: no eval.jsonl under {run}")
             continue
         x = [r["anchors_seen"] / 1e3 for r in recs]
-        ax1.plot(x, [r["heldout_tau_tf"] for r in recs], "o-", ms=3, label=name)
-        ax2.plot(x, [r["heldout_greedy_per_pos"][0] for r in recs], "o-", ms=3, label=f"{name} pos 1")
-        ax2.plot(x, [r["heldout_greedy_per_pos"][2] for r in recs], "x--", ms=3, label=f"{name} pos 3")
-        ax3.plot(x, [r["heldout_accept_per_pos"][0] for r in recs], "o-", ms=3, label=f"{name} pos 1")
+        ax1.plot(x, [r["heldout_tau_tf"] for r in recs], "o-", ms=3, color=color, label=name)
+        ax2.plot(x, [r["heldout_greedy_per_pos"][0] for r in recs], "o-", ms=3, color=color, label=f"{name} pos 1")
+        ax2.plot(x, [r["heldout_greedy_per_pos"][1] for r in recs], "x--", ms=3, color=color, label=f"{name} pos 2")
+        ax3.plot(x, [r["heldout_accept_per_pos"][0] for r in recs], "o-", ms=3, color=color, label=name)
         tau = curve(run, "tau.jsonl")
         if tau:
-            ax1.plot([r["anchors_seen"] / 1e3 for r in tau], [r["tau"] for r in tau], "s:", ms=5,
+            ax1.plot([r["anchors_seen"] / 1e3 for r in tau], [r["tau"] for r in tau], "s:", ms=5, color=color,
                      label=f"{name}: real rounds, eval prompts")
     ax1.set(xlabel="anchors trained on (thousands)", ylabel="tau (T=0)",
             title="held-out accepted length (greedy, teacher-forced)")
     ax2.set(xlabel="anchors trained on (thousands)", ylabel="P(accepted through k)",
-            title="held-out greedy acceptance", ylim=(0, None))
-    ax3.set(xlabel="anchors trained on (thousands)", ylabel="1 - TV(draft, target)",
+            title="held-out greedy acceptance (solid: pos 1, dashed: through pos 2)", ylim=(0, None))
+    ax3.set(xlabel="anchors trained on (thousands)", ylabel="1 - TV(draft, target)  (DFlash has no TV term)",
             title="held-out T=1 acceptance, position 1", ylim=(0, None))
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
