@@ -265,8 +265,11 @@ class LocalProcess:
 
 
     def remove_tmpdir(self) -> list[str]:
-        """Delete the TMPDIR; returns what the process had left in it."""
+        """Empty the TMPDIR; returns what the process had left in it, which is moved next to
+        its log for inspection (e.g. Ray's logs after a failed start)."""
         left = sorted(os.listdir(self.tmpdir)) if self.tmpdir.exists() else []
+        if left:
+            shutil.move(self.tmpdir, self.log_path.with_name(f"{self.name}-tmp-left"))
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         return left
 

@@ -77,8 +77,8 @@ def serve_settings(container: Container, loc: Localizer) -> Any:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     view = Localizer(set(), {}, {}, loc.paths, bind_any=False)
-    return resolve(parser.parse_args([view.value(a) for a in argv[2:]]), {k: view.value(v) for k, v in
-                                                                          container.env.items()})
+    args = parser.parse_args([view.value(a) for a in argv[2:]])
+    return resolve(args, {k: view.value(v) for k, v in container.env.items()})
 
 
 class Steps:

@@ -25,6 +25,7 @@ from services.metrics import FleetMetrics
 from services.router.server import RouterServer
 from services.security.auth import add_key
 from services.security.tls import grpc_channel_credentials, http_client_context
+from services.settings import resolve
 from tests.integration.fleet.conftest import PROMPTS
 from tests.integration.fleet.helpers import collect, request, stub, wait_free
 from tests.integration.fuzz.harness import GRPC_DOCUMENTED, HTTP_DOCUMENTED, fuzz_grpc, fuzz_http
@@ -71,7 +72,8 @@ def edge(fleet: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]
     serve_cmd.add_arguments(parser)
     args = parser.parse_args(["--api-key-file", str(d / "keys"), "--tls-cert", str(cert), "--tls-key", str(key),
                               "--rate-limit", "1000"])
-    cfg = serve_cmd.apply_security_flags(fleet.cfg, args)  # exactly what `dspark serve` runs
+    security = resolve(args, {}).fleet.security  # exactly what `dspark serve` resolves
+    cfg = fleet.cfg.model_copy(update={"security": security})
     server = RouterServer(cfg, fleet.state, FleetMetrics(cfg.model, cfg.method))
     ports = fleet.run(server.start("127.0.0.1", 0, 0), timeout=300)
     try:
@@ -134,7 +136,7 @@ def test_client_command_sends_the_key(edge: Edge, reference: dict[str, list[int]
     client_cmd.add_arguments(parser)
     monkeypatch.setenv("DSPARK_API_KEY", edge.keys["bob"])
     args = parser.parse_args(["--target", edge.grpc_addr, "--prompt", PROMPTS[2], "--max-new-tokens", str(N),
-                              "--ca-file", edge.cert, "--json"])
+                              "--ca-file", edge.cert, "--json", "--raw"])
     assert client_cmd.run(args) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == reference[PROMPTS[2]][:N]
 
