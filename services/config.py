@@ -17,7 +17,7 @@ from services.security.config import SecurityConfig
 POOL_NAMES = ("prefill", "target", "drafter")
 # Proposers built on the target model (they read its tapped features and share its
 # embeddings): their drafter pool must load the target.
-TARGET_READING_METHODS = ("dspark", "dflash")
+TARGET_READING_METHODS = ("dspark", "dflash", "hybrid")
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
 
 

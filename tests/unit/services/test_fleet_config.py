@@ -8,7 +8,7 @@ from dspark.errors import UserError
 from services.config import load_config
 
 
-@pytest.mark.parametrize("method", ["dspark", "dflash"])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "hybrid"])
 def test_feature_reading_drafter_needs_the_target(method):
     with pytest.raises(UserError, match="load_target"):
         load_config("deploy/serve/fleet.yaml", method=method)  # the shipped yaml: load_target false
