@@ -114,8 +114,8 @@ def _truncated_from_candidates(scaled: torch.Tensor, k: int, top_p: float) -> to
     vals, by_value = torch.sort(vals.gather(-1, by_index), dim=-1, descending=True, stable=True)
     order = idx.gather(-1, by_value)  # (N, c): the full stable sort's first c entries
     if k < V:
-        probs = torch.softmax(vals[:, :k], dim=-1)  # top-k renormalises over the k best
-        order = order[:, :k]
+        vals, order = vals[:, :k], order[:, :k]  # (N, k)
+        probs = torch.softmax(vals, dim=-1)  # top-k renormalises over the k best
     else:
         probs = torch.softmax(scaled, dim=-1).gather(-1, order)  # normalised over all V
     if top_p < 1:
