@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     feature_weight: float = Field(0.0, ge=0, description="weight of the feature regression term (0: the paper's "
                                                          "loss); regresses the drafter's final-normed state on "
                                                          "the target's LM-head input at a + j")
+    greedy_chains: bool = Field(False, description="teacher-forced text: supervise slot j only while the "
+                                "text's tokens a+1..a+j equal the target's argmax (the labels then form "
+                                "the target's own greedy continuation, as at inference)")
     clip_norm: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")

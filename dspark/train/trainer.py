@@ -83,15 +83,34 @@ def _take(blocks: AnchorBatch, idx: torch.Tensor) -> AnchorBatch:
     return AnchorBatch(*(t[:, idx] for t in (blocks.anchors, blocks.labels, blocks.target_pos, blocks.supervised)))
 
 
-def with_target_labels(blocks: AnchorBatch, tb: TargetBatch, flags: list[bool]) -> AnchorBatch:
+def with_target_labels(blocks: AnchorBatch, tb: TargetBatch, flags: list[bool],
+                       greedy_chains: bool = False) -> AnchorBatch:
     """Rows flagged (teacher-forced text) take the target's argmax at a + j as the label of
-    slot j instead of the data token at a + j + 1; supervision is unchanged."""
+    slot j instead of the data token at a + j + 1.
+
+    Slot j's label is then the target's argmax given the TEXT's tokens a+1..a+j, which the
+    target would not always have written. With `greedy_chains`, slot j of a flagged row stays
+    supervised only while text token a+i equals the argmax at a+i-1 for every i <= j: the
+    supervised labels are exactly the target's own greedy continuation of the prefix (what
+    a verified draft must match), and the chain stops at the first disagreement."""
     if not any(flags):
         return blocks
     B, N, K = blocks.target_pos.shape
-    top1 = tb.top_ids[..., 0].cpu().gather(1, blocks.target_pos.view(B, -1)).view(B, N, K)
-    use = torch.tensor(flags)[:, None, None] & blocks.supervised
-    return dataclasses.replace(blocks, labels=torch.where(use, top1, blocks.labels))
+    top1_all = tb.top_ids[..., 0].cpu()  # (B, S) argmax at every answer position (0 elsewhere)
+    top1 = top1_all.gather(1, blocks.target_pos.view(B, -1)).view(B, N, K)
+    flagged = torch.tensor(flags)[:, None, None]
+    use = flagged & blocks.supervised
+    supervised = blocks.supervised
+    if greedy_chains:
+        ids = tb.input_ids.cpu()
+        agree = torch.zeros_like(top1_all, dtype=torch.bool)  # agree[p]: text token p+1 == argmax at p
+        agree[:, :-1] = ids[:, 1:] == top1_all[:, :-1]
+        slot_agrees = agree.gather(1, blocks.target_pos.view(B, -1)).view(B, N, K)  # at a + j
+        chain = torch.ones_like(slot_agrees)
+        chain[..., 1:] = slot_agrees[..., :-1].long().cumprod(-1).bool()  # slot j needs agreement at a..a+j-1
+        supervised = torch.where(flagged, supervised & chain, supervised)
+    return dataclasses.replace(blocks, labels=torch.where(use & supervised, top1, blocks.labels).masked_fill(
+        ~supervised, 0), supervised=supervised)
 
 
 class Trainer:
@@ -197,7 +216,7 @@ class Trainer:
                    for b, n in enumerate(tb.lengths)]
         blocks = block_targets(tb.input_ids.cpu(), tb.loss_mask.cpu(), tb.lengths, anchors,
                                self.drafter.cfg.block_size)
-        return tb, with_target_labels(blocks, tb, [e.target_labels for e in examples])
+        return tb, with_target_labels(blocks, tb, [e.target_labels for e in examples], self.cfg.greedy_chains)
 
     def _next_micro_batch(self) -> tuple[TargetBatch, AnchorBatch]:
         """The next slice of the current capture. One target forward serves
