@@ -338,6 +338,9 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress)
         with open(self.out / "log.jsonl", "a") as log, open(self.out / "eval.jsonl", "a") as ev:
+            if self.heldout and self.step == 0 and self.cfg.init_from:  # where a warm start begins
+                ev.write(json.dumps(self.evaluate()) + "\n")
+                ev.flush()
             while self.step < end or (self._pending and self.step < self.total_steps):  # finish a capture
                 rec = self.train_step()
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
