@@ -24,9 +24,14 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     lines = [f"# dspark bench: {results['meta']['model']}", "",
              "```", " ".join(results["meta"]["argv"]), "```", ""]
     meta = results["meta"]
-    lines += [f"dtype {meta['dtype']}, temperature {meta['temperature']}, max new tokens "
+    compiled = {True: ", compiled step", False: ", eager step"}.get(meta.get("compiled"), "")
+    lines += [f"dtype {meta['dtype']}{compiled}, temperature {meta['temperature']}, max new tokens "
               f"{meta['max_new_tokens']}, block size {meta['block_size']}, {meta['prompts']} prompts, "
               f"machine: {meta['machine']}", ""]
+    for method, reason in meta.get("skipped", {}).items():
+        lines += [f"- `{method}` skipped: {reason}"]
+    if meta.get("skipped"):
+        lines += [""]
     levels = results.get("by_concurrency") or {str(results.get("concurrency", 1)): results}
     for level, block in levels.items():
         methods = _methods(block)

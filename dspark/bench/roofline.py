@@ -22,17 +22,23 @@ def copy_bandwidth_gb_s(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once (a tied LM head reads
-    the embedding matrix once; the embedding lookup itself reads a single row)."""
+    """Bytes of weights one decode step reads: every linear's weight once (an int8 linear's
+    int8 matrix and scales; a tied LM head reads the embedding matrix once), the norms, and
+    no embedding table (the lookup reads a single row)."""
+    from dspark.models.linear import Int8Linear
+
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
             continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
-    head = getattr(model, "lm_head", None)
-    if emb is not None and head is not None and emb.weight.data_ptr() != head.weight.data_ptr():
-        total -= emb.weight.numel() * emb.weight.element_size()  # untied: a lookup, not a read
+        if isinstance(module, Int8Linear):
+            tensors = [module.qweight, module.scales, module.bias]
+        else:
+            tensors = list(module.parameters(recurse=False))
+        for t in tensors:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total

@@ -1,7 +1,10 @@
 """Options shared by every subcommand that loads a model, and how they become an engine.
 
-`--model`, `--dtype`, `--device`, `--method`, `--block-size`, `--draft-model`,
-`--verify-policy` mean the same everywhere (generate, bench, eval-drafter, serve ...)."""
+`--model`, `--dtype`, `--device`, `--compile`, `--threads`, `--method`, `--block-size`,
+`--draft-model`, `--verify-policy` mean the same everywhere (generate, bench, profile, serve ...).
+`--dtype auto` (the default) picks bf16 where the machine computes it natively (a GPU, or a
+CPU with AVX512-BF16/AMX) and float32 elsewhere; `int8` is weight-only int8 with bf16
+activations (a different target; speculation stays exact relative to it)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import torch
 from dspark.errors import UserError
 from dspark.models.registry import DEFAULT_MODEL
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # parameter dtypes
+TARGET_DTYPES = ("auto", "float32", "bfloat16", "int8")  # --dtype of commands that build an engine
 
 
 def default_device() -> str:
@@ -23,8 +27,7 @@ def default_device() -> str:
 def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local checkpoint path")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_runtime_arguments(g)
     g.add_argument("--method", default=method_default,
                    help="ar or a registered proposer: ngram, draft-model, dspark, dflash (default: dspark "
                         "when a shipped drafter exists for the model, else ar)")
@@ -37,6 +40,19 @@ def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None =
                    help="confidence policy: draft every round even when drafting costs more than it returns")
     g.add_argument("--max-batch-size", type=int, default=16)
     g.add_argument("--max-seq-len", type=int, default=2048)
+
+
+def add_runtime_arguments(g: argparse._ActionsContainer) -> None:
+    """--dtype, --device, --compile/--no-compile, --threads: how the target runs."""
+    g.add_argument("--dtype", choices=TARGET_DTYPES, default="auto",
+                   help="auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, else float32; "
+                        "int8: weight-only int8 (bf16 activations)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the decode/verify step (inductor with frozen weights on CPU, "
+                        "CUDA graphs on GPU); compiled once per model, dtype and token bucket")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: $OMP_NUM_THREADS, else the physical cores)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -60,8 +76,10 @@ class EngineSpec:
     """Everything needed to build one engine; picklable, so Ray workers can rebuild it."""
 
     model: str = DEFAULT_MODEL
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | int8 (the CLI resolves `auto` in from_args)
     device: str | None = None
+    compile: bool = False  # attach the compiled decode/verify step (dspark/models/compile.py)
+    threads: int | None = None  # torch threads set by load_target; None leaves them alone
     method: str | None = None
     block_size: int = 7
     draft_model: str | None = None
@@ -74,8 +92,15 @@ class EngineSpec:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineSpec:
+        from dspark.models.runtime import default_dtype, default_threads
+
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        spec = cls(**{k: v for k, v in vars(args).items() if k in names})
+        if spec.dtype == "auto":
+            spec.dtype = default_dtype(spec.device or default_device())
+        if spec.threads is None and "threads" in vars(args):  # the CLI: physical cores by default
+            spec.threads = default_threads()
+        return spec
 
 
 def resolve_method(spec: EngineSpec) -> str:
@@ -86,12 +111,31 @@ def resolve_method(spec: EngineSpec) -> str:
     return "dspark" if (default_checkpoint(spec.model, "dspark") / "config.json").is_file() else "ar"
 
 
-def load_target(spec: EngineSpec):  # -> LoadedModel
-    from dspark.models.loader import load_model
+def param_dtype(dtype: str) -> torch.dtype:
+    """Parameter dtype of a target dtype name (int8 targets keep bf16 activations)."""
+    from dspark.models.runtime import PARAM_DTYPES
 
-    if spec.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {spec.dtype!r}; use one of {', '.join(DTYPES)}")
-    return load_model(spec.model, dtype=DTYPES[spec.dtype], device=spec.device or default_device())
+    if dtype not in PARAM_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(TARGET_DTYPES)}")
+    return PARAM_DTYPES[dtype]
+
+
+def load_target(spec: EngineSpec):  # -> LoadedModel
+    """Load the target, lay its weights out for this machine (or quantize them), and attach
+    the compiled step when `spec.compile`."""
+    from dspark.models.loader import load_model
+    from dspark.models.runtime import prepare
+
+    param_dtype(spec.dtype)  # validates
+    device = spec.device or default_device()
+    if spec.dtype == "int8" and device != "cpu":
+        raise UserError("--dtype int8 uses torch's CPU int8 kernels; use bfloat16 on a GPU")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    load_dtype = torch.float32 if spec.dtype == "int8" else DTYPES[spec.dtype]  # quantize from fp32
+    target = load_model(spec.model, dtype=load_dtype, device=device)
+    prepare(target.model, spec.dtype, spec.compile)
+    return target
 
 
 def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine, str]
@@ -127,7 +171,7 @@ def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None
         return create_proposer(
             method, target=target, block_size=spec.block_size, draft_model=spec.draft_model,
             checkpoint=spec.drafter_checkpoint, max_batch_size=spec.max_batch_size,
-            max_seq_len=spec.max_seq_len, dtype=DTYPES[spec.dtype],
+            max_seq_len=spec.max_seq_len, dtype=param_dtype(spec.dtype),
             device=spec.device or default_device())
     except KeyError as e:
         raise UserError(str(e.args[0])) from None
@@ -135,7 +179,7 @@ def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None
 
 def make_policy(spec: EngineSpec, target):  # -> (VerifyPolicy | None, StepCostProfile | None)
     """The verification policy and, for `confidence`, the target's measured SPS(B) table
-    (profiled once per model, dtype and machine, then cached)."""
+    (profiled once per model, dtype, compile setting, thread count and machine, then cached)."""
     from dspark.spec.scheduler import create_policy, policy_names
 
     if spec.verify_policy == "fixed":

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         "num_target_forwards": out.num_verify_steps + 1,
         "accepted_per_position": out.accepted_per_position,
         "drafted_per_position": out.drafted_per_position,
-        "dtype": args.dtype,
+        "dtype": spec.dtype,
+        "compiled": target.model.compiled is not None,
         "block_size": args.block_size if method != "ar" else 0,
         "verify_policy": args.verify_policy,
     }

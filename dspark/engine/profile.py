@@ -1,6 +1,6 @@
 """SPS(B): the target's verification steps per second as a function of the batch size in
-tokens, measured once per (model, dtype, machine) and cached. The confidence scheduler
-trades verified tokens against this curve."""
+tokens, measured once per (model, dtype, compiled or eager, threads, machine) and cached. The
+confidence scheduler trades verified tokens against this curve."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def machine_key() -> str:
     return hashlib.sha256(info.encode()).hexdigest()[:12]
 
 
-def profile_path(model_name: str, dtype: str) -> Path:
+def profile_path(model_name: str, dtype: str, compiled: bool = False) -> Path:
+    """One file per model, dtype, compile setting and machine key (which holds the threads)."""
     safe = model_name.replace("/", "_")
-    return cache_dir() / "profiles" / f"{safe}-{dtype}-{machine_key()}.json"
+    mode = "compiled" if compiled else "eager"
+    return cache_dir() / "profiles" / f"{safe}-{dtype}-{mode}-{machine_key()}.json"
 
 
 @torch.inference_mode()
@@ -42,6 +44,7 @@ def measure_sps(model: torch.nn.Module, batch_tokens: tuple[int, ...] = DEFAULT_
     max_seqs = max(1, -(-max(batch_tokens) // tokens_per_seq))
     cache = model.new_cache(max_seqs, CONTEXT_TOKENS + tokens_per_seq + 1)
     runner = ModelRunner(model, cache)
+    runner.warm_up()  # a compiled step: compile its buckets before timing
     slots = [cache.allocate() for _ in range(max_seqs)]
     runner.forward([SeqInput(s, [1] * CONTEXT_TOKENS) for s in slots])
     result: dict[int, float] = {}
@@ -65,15 +68,18 @@ def measure_sps(model: torch.nn.Module, batch_tokens: tuple[int, ...] = DEFAULT_
 
 def load_or_profile(target: object, dtype: str, max_batch_size: int = 16, block_size: int = 7,
                     refresh: bool = False) -> StepCostProfile:
-    path = profile_path(target.name, dtype)  # type: ignore[attr-defined]
+    compiled = target.model.compiled is not None  # type: ignore[attr-defined]
+    path = profile_path(target.name, dtype, compiled)  # type: ignore[attr-defined]
     if path.exists() and not refresh:
         return StepCostProfile.from_json(json.loads(path.read_text())["profile"])
-    print(f"dspark: profiling SPS(B) for {target.name} ({dtype}); cached at {path}", file=sys.stderr)  # type: ignore[attr-defined]
+    print(f"dspark: profiling SPS(B) for {target.name} ({dtype}, {'compiled' if compiled else 'eager'}, "  # type: ignore[attr-defined]
+          f"{torch.get_num_threads()} threads); cached at {path}", file=sys.stderr)
     points = measure_sps(target.model, tokens_per_seq=block_size + 1)  # type: ignore[attr-defined]
     profile = StepCostProfile.from_points(points)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": target.name, "dtype": dtype, "machine": machine_key(),  # type: ignore[attr-defined]
+    tmp.write_text(json.dumps({"model": target.name, "dtype": dtype, "compiled": compiled,  # type: ignore[attr-defined]
+                               "threads": torch.get_num_threads(), "machine": machine_key(),
                                "points": points, "profile": profile.to_json()}, indent=1))
     tmp.replace(path)
     return profile

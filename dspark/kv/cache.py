@@ -1,9 +1,14 @@
 """Slot-based KV cache owned by the engine.
 
-Memory is preallocated once: per layer one key and one value buffer of shape
-`(num_slots, max_len, num_kv_heads, head_dim)`. A sequence owns a slot; its length is pure
-bookkeeping, so rollback to any shorter length is O(1) (later writes overwrite the stale
-entries) and nothing is ever copied on commit.
+Memory is preallocated once: per layer one key and one value store of shape
+`(num_slots, num_kv_heads, max_len + spare, head_dim)`, head-major, so attention reads a
+slot's keys of one head as a contiguous `(S, head_dim)` block and batched matmuls take the
+cache view without a copy. `k[layer]` / `v[layer]` are views of the same memory in the
+`(num_slots, max_len, num_kv_heads, head_dim)` order that export/import and tests index.
+`spare` rows past `max_len` take the padding tokens of a bucketed (compiled) step; they are
+never read as context. A sequence owns a slot; its length is pure bookkeeping, so rollback to
+any shorter length is O(1) (later writes overwrite the stale entries) and nothing is ever
+copied on commit.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ class KVCacheFull(RuntimeError):
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        shape = (num_slots, max_len, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                 device: torch.device | str = "cpu", spare: int = 0) -> None:
+        shape = (num_slots, num_kv_heads, max_len + spare, head_dim)
+        self.k_store = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_store = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # (num_slots, max_len, num_kv_heads, head_dim) views of the stores
+        self.k = [t.transpose(1, 2)[:, :max_len] for t in self.k_store]
+        self.v = [t.transpose(1, 2)[:, :max_len] for t in self.v_store]
         self.num_layers, self.num_slots, self.max_len = num_layers, num_slots, max_len
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.lengths = [0] * num_slots
@@ -61,7 +69,9 @@ class KVCache:
     def export_layers(self, slot: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.lengths[slot]
         for k, v in zip(self.k, self.v):
-            yield k[slot, :n].clone(), v[slot, :n].clone()  # (n, kvh, hd) each
+            # (n, kvh, hd) each, contiguous: transports send the raw bytes
+            yield k[slot, :n].clone(memory_format=torch.contiguous_format), \
+                v[slot, :n].clone(memory_format=torch.contiguous_format)
 
     def import_layer(self, slot: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[0]

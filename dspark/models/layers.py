@@ -36,14 +36,20 @@ class Rotary:
         freqs = torch.outer(pos, inv)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, hd)
         self.cos, self.sin = emb.cos(), emb.sin()
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device: torch.device | str) -> Rotary:
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        self._cast = {}
         return self
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T) -> cos/sin (B, 1, T, hd) to broadcast over heads
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        # positions (B, T) -> cos/sin (B, 1, T, hd) to broadcast over heads. The float32 table
+        # is cast once per dtype (what HF computes per step: float32 cos/sin, then cast).
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        cos, sin = self._cast[dtype]
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

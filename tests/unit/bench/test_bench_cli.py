@@ -10,6 +10,7 @@ import pytest
 from dspark.cli import main
 
 pytestmark = pytest.mark.slow
+EAGER_FP32 = ("--dtype", "float32", "--no-compile", "--threads", "1")  # the reference: exact, no compile wait
 
 
 def _dataset(tmp_path: Path) -> Path:
@@ -22,7 +23,7 @@ def _dataset(tmp_path: Path) -> Path:
 
 def test_bench_writes_results_report_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = main(["bench", "--methods", "ngram,hf-ar", "--dataset", str(_dataset(tmp_path)),
+    code = main(["bench", "--methods", "ngram,hf-ar", "--dataset", str(_dataset(tmp_path)), *EAGER_FP32,
                  "--max-new-tokens", "12", "--block-size", "4", "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
@@ -44,8 +45,9 @@ def test_bench_writes_results_report_and_plots(tmp_path: Path) -> None:
 
 def test_bench_policies_and_concurrency_layout(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = main(["bench", "--methods", "ngram", "--dataset", str(_dataset(tmp_path)), "--max-new-tokens", "4",
-                 "--limit", "1", "--verify-policy", "fixed,threshold", "--concurrency", "1,2", "--out", str(out)])
+    code = main(["bench", "--methods", "ngram", "--dataset", str(_dataset(tmp_path)), *EAGER_FP32,
+                 "--max-new-tokens", "4", "--limit", "1", "--verify-policy", "fixed,threshold", "--concurrency", "1,2",
+                 "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["by_concurrency"]) == {"1", "2"}

@@ -79,3 +79,17 @@ def test_batched_forward_matches_single() -> None:
     out2 = runner.forward([SeqInput(s, [7]) for s in slots])
     for p, logits in zip(prompts, out2.logits):
         torch.testing.assert_close(logits[-1], _logits_after(model, p + [7]), atol=1e-5, rtol=1e-5)
+
+
+def test_head_major_store_and_its_views_share_memory() -> None:
+    """Attention reads a slot's keys per head as one contiguous (S, hd) block; `k[layer]`
+    indexes the same memory as (slot, position, head, dim); spare rows sit past max_len."""
+    cache = KVCache(num_layers=2, num_slots=3, max_len=6, num_kv_heads=2, head_dim=4, spare=5)
+    store, view = cache.k_store[1], cache.k[1]
+    assert store.shape == (3, 2, 11, 4) and view.shape == (3, 6, 2, 4)
+    view[2, 5] = torch.arange(8.0).view(2, 4)
+    assert torch.equal(store[2, :, 5], torch.arange(8.0).view(2, 4))
+    assert store[2, 1, :6].is_contiguous()
+    cache.lengths[2] = 6
+    for k, _ in cache.export_layers(2):
+        assert k.shape == (6, 2, 4) and k.is_contiguous()
