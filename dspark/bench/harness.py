@@ -39,6 +39,9 @@ class RunResult:
     concurrency: int
     prompts: list[PromptResult]
     wall_by_category: dict[str, float]
+    # process CPU seconds per category: on a shared machine, unlike wall time, it does not
+    # count the time other jobs held the cores (with one torch thread it approximates an idle core)
+    cpu_by_category: dict[str, float] = dataclasses.field(default_factory=dict)
     steps: list[StepStats] = dataclasses.field(default_factory=list)
 
 
@@ -60,8 +63,9 @@ def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable
     walls: dict[str, float] = {}
     steps: list[StepStats] = []
     groups = _by_category(prompts) if concurrency == 1 else [("*", list(prompts))]
+    cpus: dict[str, float] = {}
     for category, group in groups:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ids = [engine.add_request(encode(p), _seeded(params, i)) for i, p in enumerate(group)]
         while engine.has_work:
             stats = engine.step()
@@ -70,6 +74,7 @@ def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable
                 bar.update(stats.emitted + stats.num_prefill)
         outs = [engine.pop_finished(i) for i in ids]
         results += [_to_result(p, o) for p, o in zip(group, outs)]
+        cpus[category] = time.process_time() - c0
         if category != "*":
             walls[category] = time.perf_counter() - t0
             continue
@@ -77,7 +82,7 @@ def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable
             mine = [o for p, o in zip(group, outs) if p.category == cat]
             walls[cat] = max(o.finish_time for o in mine) - min(o.admit_time for o in mine)
         walls["*"] = time.perf_counter() - t0
-    return RunResult(key, concurrency, results, walls, steps)
+    return RunResult(key, concurrency, results, walls, steps, cpus)
 
 
 def run_callable(key: str, prompts: list[Prompt], generate: Callable[[Prompt], list[int]],
@@ -85,8 +90,9 @@ def run_callable(key: str, prompts: list[Prompt], generate: Callable[[Prompt], l
     """Peers that decode one prompt at a time (transformers' generate)."""
     results: list[PromptResult] = []
     walls: dict[str, float] = {}
+    cpus: dict[str, float] = {}
     for category, group in _by_category(prompts):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for p in group:
             t = time.perf_counter()
             ids = generate(p)
@@ -94,7 +100,8 @@ def run_callable(key: str, prompts: list[Prompt], generate: Callable[[Prompt], l
             if bar is not None:
                 bar.update(len(ids))
         walls[category] = time.perf_counter() - t0
-    return RunResult(key, 1, results, walls)
+        cpus[category] = time.process_time() - c0
+    return RunResult(key, 1, results, walls, cpu_by_category=cpus)
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
@@ -119,14 +126,14 @@ def summarize(run: RunResult, ar: RunResult | None, greedy: bool) -> dict[str, o
         rows = [r for r in run.prompts if cat == "overall" or r.category == cat]
         wall = _overall_wall(run) if cat == "overall" else run.wall_by_category[cat]
         ar_rows = None if ar is None else [r for r in ar.prompts if cat == "overall" or r.category == cat]
-        out[cat] = _stats(rows, wall, ar_rows, ar, cat, greedy)
+        out[cat] = _stats(rows, wall, ar_rows, ar, cat, greedy, run)
     if run.steps:
         out["overall"].update(_step_stats(run.steps))  # type: ignore[union-attr]
     return out
 
 
 def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | None,
-           ar: RunResult | None, cat: str, greedy: bool) -> dict[str, object]:
+           ar: RunResult | None, cat: str, greedy: bool, run: RunResult) -> dict[str, object]:
     new_tokens = sum(len(r.token_ids) for r in rows)
     tps = new_tokens / wall if wall > 0 else 0.0
     steps = sum(r.num_verify_steps for r in rows)
@@ -143,6 +150,10 @@ def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | 
         ref = {r.prompt_id: r.token_ids for r in ar_rows}
         identical = sum(ref.get(r.prompt_id) == r.token_ids for r in rows) / max(1, len(rows))
     per_user = [len(r.token_ids) / r.wall_s for r in rows if r.wall_s > 0]
+    cpu = _cpu(run, cat)
+    ar_cpu = _cpu(ar, cat) if ar is not None else None
+    per_cpu = new_tokens / cpu if cpu else None
+    ar_per_cpu = (sum(len(r.token_ids) for r in ar_rows) / ar_cpu) if (ar_rows and ar_cpu) else None
     return {
         "prompts": len(rows),
         "new_tokens": new_tokens,
@@ -150,6 +161,8 @@ def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | 
         "tokens_per_s": tps,
         "per_user_tokens_per_s": sum(per_user) / len(per_user) if per_user else 0.0,
         "speedup_vs_ar": speedup,
+        "tokens_per_cpu_s": per_cpu,  # new tokens per second of process CPU time
+        "speedup_vs_ar_cpu": per_cpu / ar_per_cpu if (per_cpu and ar_per_cpu) else None,
         # tokens per target verification (bonus included); the prefill token is not a verification
         "mean_accepted_length": (new_tokens - len(rows)) / steps if steps else None,
         # conditional acceptance: P(draft j accepted | drafts < j accepted and j was drafted)
@@ -157,6 +170,13 @@ def _stats(rows: list[PromptResult], wall: float, ar_rows: list[PromptResult] | 
         "drafted_per_position": drafted,
         "identical_to_ar": identical,
     }
+
+
+def _cpu(run: RunResult, cat: str) -> float | None:
+    cpus = run.cpu_by_category
+    if not cpus:
+        return None
+    return sum(cpus.values()) if cat == "overall" else cpus.get(cat)
 
 
 def _overall_wall(run: RunResult) -> float:

@@ -31,7 +31,8 @@ def test_bench_writes_results_report_and_plots(tmp_path: Path) -> None:
     for method in ("ar", "ngram", "hf-ar"):
         assert set(res[method]) >= {"mini", "echo", "overall"}
         o = res[method]["overall"]
-        for key in ("prompts", "new_tokens", "wall_s", "tokens_per_s", "speedup_vs_ar", "mean_accepted_length",
+        for key in ("prompts", "new_tokens", "wall_s", "tokens_per_s", "speedup_vs_ar", "tokens_per_cpu_s",
+                    "speedup_vs_ar_cpu", "mean_accepted_length",
                     "accepted_per_position", "identical_to_ar"):
             assert key in o
         assert o["prompts"] == 2
