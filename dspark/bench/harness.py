@@ -82,7 +82,7 @@ def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable
             mine = [o for p, o in zip(group, outs) if p.category == cat]
             walls[cat] = max(o.finish_time for o in mine) - min(o.admit_time for o in mine)
         walls["*"] = time.perf_counter() - t0
-    return RunResult(key, concurrency, results, walls, steps, cpus)
+    return RunResult(key, concurrency, results, walls, cpu_by_category=cpus, steps=steps)
 
 
 def run_callable(key: str, prompts: list[Prompt], generate: Callable[[Prompt], list[int]],
