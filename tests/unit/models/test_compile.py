@@ -129,3 +129,17 @@ def test_static_shape_layout_computes_the_same_step() -> None:
         assert static.full_mask.shape[-1] == 40 + SPARE_POSITIONS
         got, _ = model.step(ids, static, static.cache_view(cache, gather_in_graph=True))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_cpp_compiler_one_line_says_so_and_the_model_stays_eager(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from dspark.models import compile as compile_mod
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    model = tiny_model("llama", seed=2, num_layers=1)
+    assert compile_mod.cpp_compiler() is None
+    assert compile_mod.compile_step(model) is False
+    assert model.compiled is None
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no C++ compiler" in err and "--no-compile" in err
