@@ -132,6 +132,10 @@ def load_target(spec: EngineSpec):  # -> LoadedModel
         raise UserError("--dtype int8 uses torch's CPU int8 kernels; use bfloat16 on a GPU")
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    if spec.compile:
+        from dspark.models.compile import use_inductor_cache
+
+        use_inductor_cache()  # before loading: inductor may fix its cache directory on first use
     load_dtype = torch.float32 if spec.dtype == "int8" else DTYPES[spec.dtype]  # quantize from fp32
     target = load_model(spec.model, dtype=load_dtype, device=device)
     prepare(target.model, spec.dtype, spec.compile)

@@ -13,7 +13,8 @@ slot numbers and lengths are never Python ints in the graph:
   from stores at fixed addresses, and there is one graph per (bucket, B).
 
 Compiled code is cached on disk under `$DSPARK_CACHE/inductor` (inductor's FX graph cache;
-tracing still runs in each new process). Without a C++ compiler, inductor cannot build CPU
+tracing still runs in each new process), unless $TORCHINDUCTOR_CACHE_DIR was set before dspark
+was imported. Without a C++ compiler, inductor cannot build CPU
 kernels: `compile_step` prints one line and the model stays eager.
 """
 
@@ -30,12 +31,20 @@ from dspark.kv.cache import KVCache
 from dspark.models.transformer import SPARE_POSITIONS, CacheView, CausalLM, ForwardBatch
 from dspark.paths import cache_dir
 
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # the user's choice, if any
 TOKEN_BUCKETS = (1, 4, 8)  # decode (1) and verification of up to 7 drafts; few graphs to compile
 
 
 def bucket_for(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
     """Smallest bucket >= num_tokens; None past the largest (the step runs eager)."""
     return next((b for b in buckets if b >= num_tokens), None)
+
+
+def use_inductor_cache() -> None:
+    """Point inductor at `$DSPARK_CACHE/inductor`. Inductor writes its own default
+    (/tmp/torchinductor_$USER) into the environment the first time it looks, which can happen
+    while a model loads, so a plain `setdefault` would lose: callers run this first."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_INDUCTOR_DIR or str(cache_dir() / "inductor")
 
 
 def cpp_compiler() -> str | None:
@@ -53,7 +62,7 @@ class CompiledStep:
         self.model, self.buckets = model, tuple(sorted(buckets))
         self.static = model.lm_head.weight.device.type == "cuda"
         self.compile_s: dict[str, float] = {}  # "T=8 B=1": seconds of the first call (compilation)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        use_inductor_cache()
         # All graphs share one code object (`_forward_logits`): room for every bucket x variant.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if self.static:
