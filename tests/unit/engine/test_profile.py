@@ -13,7 +13,8 @@ def test_profile_path_differs_by_dtype_compile_and_threads(monkeypatch: pytest.M
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = {(dt, c): profile.profile_path("m", dt, c) for dt in ("float32", "bfloat16", "int8") for c in (False, True)}
+        keys = [(dt, c) for dt in ("float32", "bfloat16", "int8") for c in (False, True)]
+        one = {key: profile.profile_path("m", *key) for key in keys}
         torch.set_num_threads(2)
         two = {key: profile.profile_path("m", *key) for key in one}
     finally:
