@@ -62,8 +62,10 @@ models-large: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m dspark.proto_codegen
 
+# ruff, then the import layers of docs ARCHITECTURE.md ([tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dspark services tests
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

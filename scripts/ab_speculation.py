@@ -19,7 +19,7 @@ import time
 import torch
 
 from dspark.bench.datasets import load_prompts
-from dspark.commands.common import EngineSpec, build_engine, load_target
+from dspark.engine.build import EngineSpec, build_engine, load_target
 from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 

@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4, 5
 def _embedded(cfg: Any, max_new: int, streams: int) -> dict[str, float]:
     import torch
 
-    from dspark.commands.common import EngineSpec, build_engine
+    from dspark.engine.build import EngineSpec, build_engine
     from dspark.spec.sampling import SamplingParams
 
     torch.set_num_threads(1)

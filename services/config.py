@@ -10,8 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dspark.commands.common import DEFAULT_MODEL, EngineSpec
+from dspark.engine.build import EngineSpec
 from dspark.errors import UserError
+from dspark.models.registry import DEFAULT_MODEL
 from services.security.config import SecurityConfig
 
 POOL_NAMES = ("prefill", "target", "drafter")

@@ -17,15 +17,8 @@ from dspark.bench.hf_peers import HF_METHODS, make_hf_generate
 from dspark.bench.llamacpp_peers import LLAMACPP_METHODS
 from dspark.bench.report import write_json, write_report
 from dspark.bench.roofline import copy_bandwidth_gb_s, weight_bytes_per_token
-from dspark.commands.common import (
-    DTYPES,
-    EngineSpec,
-    add_model_arguments,
-    add_sampling_arguments,
-    build_engine,
-    load_target,
-    sampling_from_args,
-)
+from dspark.commands.common import add_model_arguments, add_sampling_arguments, sampling_from_args
+from dspark.engine.build import DTYPES, EngineSpec, build_engine, load_target
 from dspark.errors import UserError
 
 

@@ -7,7 +7,8 @@ import sys
 
 from tqdm import tqdm
 
-from dspark.commands.common import DEFAULT_MODEL, DTYPES, default_device
+from dspark.engine.build import DTYPES, default_device
+from dspark.models.registry import DEFAULT_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from dspark.commands.common import DTYPES, default_device
+from dspark.engine.build import DTYPES, default_device
 from dspark.jsonutil import dumps
 
 

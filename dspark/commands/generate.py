@@ -11,13 +11,8 @@ import json
 import sys
 import time
 
-from dspark.commands.common import (
-    EngineSpec,
-    add_model_arguments,
-    add_sampling_arguments,
-    build_engine,
-    sampling_from_args,
-)
+from dspark.commands.common import add_model_arguments, add_sampling_arguments, sampling_from_args
+from dspark.engine.build import EngineSpec, build_engine
 from dspark.engine.stop import TextStream
 from dspark.errors import UserError
 

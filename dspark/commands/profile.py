@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dspark.commands.common import EngineSpec, add_model_arguments, load_target
+from dspark.commands.common import add_model_arguments
+from dspark.engine.build import EngineSpec, load_target
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

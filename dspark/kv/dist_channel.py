@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dspark.kv.channel import Role
 from dspark.kv.rendezvous import RendezvousStore, pair_name
-from dspark.kv.transport import Role
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"

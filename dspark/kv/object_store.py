@@ -17,8 +17,8 @@ from typing import Any
 import ray
 import torch
 
+from dspark.kv.channel import Role
 from dspark.kv.rendezvous import pair_name
-from dspark.kv.transport import Role
 
 
 class _Mailbox:

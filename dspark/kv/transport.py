@@ -23,15 +23,15 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
+from dspark.kv.channel import Channel, Connector, Role
 from dspark.kv.handshake import KVHandshakeError, KVSpec, dtype_from_name, dtype_name
 from dspark.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
-Role = Literal["send", "recv"]
 OnLayer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -57,26 +57,6 @@ class ReceivedTransfer:
     num_tokens: int
     spec: KVSpec | None
     extras: list[torch.Tensor]
-
-
-class Channel(Protocol):
-    """Ordered, reliable point-to-point tensor pipe to one peer."""
-
-    def send(self, tensor: torch.Tensor) -> None: ...
-
-    def recv(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
-
-    def close(self) -> None: ...
-
-
-class Connector(Protocol):
-    """Makes channels; `send` means this side is the pair's sender (rank 0)."""
-
-    backend: str
-
-    def connect(self, peer: str, role: Role) -> Channel: ...
-
-    def close(self) -> None: ...
 
 
 class KVTransport(Protocol):

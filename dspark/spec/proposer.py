@@ -57,6 +57,9 @@ class Proposer(Protocol):
         """Free everything held for `seq_id`."""
 
 
+# Filled from above: each proposer module registers itself when imported, and the floor that
+# builds engines (`dspark.engine.build.register_builtin_proposers`) imports them all. This
+# floor never names the modules that register, so it knows nothing of `dspark.drafter`.
 ProposerFactory = Callable[..., Proposer]
 _REGISTRY: dict[str, ProposerFactory] = {}
 
@@ -71,24 +74,10 @@ def register_proposer(name: str) -> Callable[[ProposerFactory], ProposerFactory]
 
 
 def proposer_names() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def create_proposer(name: str, **kwargs: object) -> Proposer:
-    _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; known: ar, {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)
-
-
-def _load_builtin() -> None:
-    # Importing the modules runs their @register_proposer decorators.
-    import importlib
-
-    for mod in ("dspark.spec.ngram", "dspark.spec.draft_model", "dspark.drafter.proposer", "dspark.drafter.hybrid"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise

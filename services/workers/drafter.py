@@ -11,7 +11,7 @@ import threading
 import torch
 from ray import serve
 
-from dspark.commands.common import load_target, make_proposer, resolve_method
+from dspark.engine.build import load_target, make_proposer, resolve_method
 from dspark.spec.proposer import Draft, DraftRequest
 from dspark.spec.sampling import SamplingParams, make_generator
 from services.config import FleetConfig

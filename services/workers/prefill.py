@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from dspark.commands.common import load_target
+from dspark.engine.build import load_target
 from dspark.engine.engine import Engine, EngineConfig, StepStats
 from dspark.kv.handshake import KVSpec
 from dspark.kv.transport import TransferMeta

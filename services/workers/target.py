@@ -12,7 +12,7 @@ import threading
 import torch
 from ray import serve
 
-from dspark.commands.common import load_target, make_policy
+from dspark.engine.build import load_target, make_policy
 from dspark.engine.engine import Engine, EngineConfig, StepStats
 from dspark.engine.sequence import Sequence
 from dspark.kv.handshake import KVSpec

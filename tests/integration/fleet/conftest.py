@@ -34,7 +34,7 @@ def embedded() -> tuple[object, object]:
     reference every fleet output is compared with (tests/integration/fleet/helpers.py)."""
     import torch
 
-    from dspark.commands.common import EngineSpec, build_engine
+    from dspark.engine.build import EngineSpec, build_engine
 
     torch.set_num_threads(1)
     target, engine, _ = build_engine(EngineSpec(method="ngram", max_batch_size=4))

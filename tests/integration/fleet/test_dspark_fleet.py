@@ -79,7 +79,7 @@ class _Handle:
 def dspark_fleet() -> Iterator[Any]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed (make system-deps)")
-    from dspark.commands import common
+    from dspark.engine import build
     from services.app import WORKER_CLASSES
     from services.config import FleetConfig, load_config
     from services.metrics import FleetMetrics
@@ -95,7 +95,7 @@ def dspark_fleet() -> Iterator[Any]:
     def shared_target(spec: Any) -> Any:  # one copy of the weights for every worker
         key = (spec.model, spec.dtype, spec.device)
         if key not in loaded:
-            loaded[key] = common.load_target(spec)
+            loaded[key] = build.load_target(spec)
         return loaded[key]
 
     workers: dict[str, Any] = {}
@@ -154,7 +154,7 @@ def _chat(prompt: str) -> list[dict[str, str]]:
 
 
 def test_dspark_fleet_greedy_equals_embedded(dspark_fleet):
-    from dspark.commands.common import EngineSpec, build_engine
+    from dspark.engine.build import EngineSpec, build_engine
     from dspark.spec.sampling import SamplingParams
 
     assert dspark_fleet.workers["DrafterWorker"].info().feature_layers, "dspark reads target features"

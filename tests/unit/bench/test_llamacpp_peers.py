@@ -12,7 +12,7 @@ import pytest
 from dspark.bench.llamacpp_peers import GGUF_TYPES, source_gguf, unavailable_reason
 from dspark.cli import main
 from dspark.commands.bench import _skipped_peers
-from dspark.commands.common import EngineSpec
+from dspark.engine.build import EngineSpec
 
 MODEL = "smollm2-135m-instruct"
 
@@ -53,7 +53,7 @@ def test_llamacpp_greedy_matches_our_float32_engine() -> None:
     import torch
 
     from dspark.bench.llamacpp_peers import converted_gguf, make_llamacpp_generate
-    from dspark.commands.common import build_engine, load_target
+    from dspark.engine.build import build_engine, load_target
     from dspark.spec.sampling import SamplingParams
 
     torch.set_num_threads(1)

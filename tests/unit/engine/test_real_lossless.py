@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from dspark.commands.common import EngineSpec, build_engine, load_target
 from dspark.drafter.checkpoint import default_checkpoint
+from dspark.engine.build import EngineSpec, build_engine, load_target
 from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.commands.common import EngineSpec, build_engine, load_target
 from dspark.drafter.checkpoint import default_checkpoint
+from dspark.engine.build import EngineSpec, build_engine, load_target
 from dspark.spec.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -41,7 +41,8 @@ def test_threads_default_to_physical_cores_unless_omp_says(monkeypatch: pytest.M
 def test_cli_auto_dtype_resolves_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from dspark.commands.common import EngineSpec, add_model_arguments
+    from dspark.commands.common import add_model_arguments
+    from dspark.engine.build import EngineSpec
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**AVX2_ONLY, "amx_bf16": True})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
