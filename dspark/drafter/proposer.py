@@ -21,7 +21,7 @@ from dspark.drafter.context import ContextCache, block_hidden, extend_context
 from dspark.drafter.model import Drafter
 from dspark.errors import UserError
 from dspark.spec.proposer import Draft, DraftRequest, register_proposer
-from dspark.spec.sampling import probs_from_logits, sample
+from dspark.spec.sampling import draw, probs_from_logits
 
 
 class DrafterProposer:
@@ -71,7 +71,7 @@ class DrafterProposer:
                 z = z + bias
             q = torch.cat([probs_from_logits(d.to_full_vocab(z[b:b + 1]), r.params)
                            for b, r in enumerate(requests)])  # (B, V) float32
-            x = torch.stack([_draw(q[b], r) for b, r in enumerate(requests)])  # (B,)
+            x = torch.cat([draw(q[b:b + 1], r.params, r.generator) for b, r in enumerate(requests)])  # (B,)
             prevs.append(prev)
             tokens.append(x)
             probs.append(q)
@@ -89,12 +89,6 @@ class DrafterProposer:
             out.append(Draft(tokens=toks[b, :n].tolist(), probs=qs[b, :n],
                              confidences=None if conf is None else conf[b, :n]))
         return out
-
-
-def _draw(q: torch.Tensor, req: DraftRequest) -> torch.Tensor:
-    if req.params.greedy:
-        return q.argmax()
-    return sample(q[None], req.generator)[0]
 
 
 def drafter_factory(method: str) -> Any:

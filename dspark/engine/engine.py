@@ -35,7 +35,7 @@ from dspark.models.transformer import CausalLM
 from dspark.spec.gate import DraftGate
 from dspark.spec.logits import TokenLogprob, process_logits, token_logprobs
 from dspark.spec.proposer import Draft, DraftRequest, Proposer
-from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from dspark.spec.sampling import SamplingParams, draw, make_generator, probs_from_logits
 from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
 from dspark.spec.verify import verify
 
@@ -187,10 +187,7 @@ class Engine:
 
     def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
         """One token from (1, V) logits."""
-        if seq.params.greedy:
-            return int(logits[0].argmax())
-        probs = probs_from_logits(logits, seq.params)
-        return int(sample(probs, seq.generator)[0])
+        return int(draw(probs_from_logits(logits, seq.params), seq.params, seq.generator)[0])
 
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
         t0 = time.perf_counter()

@@ -72,8 +72,3 @@ class KVSpec:
         if num_tokens > self.max_len:
             problems.append(f"{num_tokens} tokens exceed our max_len {self.max_len}")
         return problems
-
-    def check_compatible(self, remote: KVSpec, num_tokens: int) -> None:
-        problems = self.incompatibilities(remote, num_tokens)
-        if problems:
-            raise KVHandshakeError("incompatible KV peer: " + "; ".join(problems))

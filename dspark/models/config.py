@@ -59,15 +59,6 @@ class ModelConfig:
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return float(base) ** -0.5
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-        return cls(**kw)
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` dict."""

@@ -15,7 +15,7 @@ import torch
 from dspark.models.runner import ModelRunner, SeqInput
 from dspark.models.transformer import CausalLM
 from dspark.spec.proposer import Draft, DraftRequest, register_proposer
-from dspark.spec.sampling import probs_from_logits, sample
+from dspark.spec.sampling import draw, probs_from_logits
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ class DraftModelProposer:
                     stopped.add(r.seq_id)  # doubtful next draft: verify what we have
                     continue
                 p = probs_from_logits(logits, r.params)  # (1, V)
-                tok = int(p.argmax()) if r.params.greedy else int(sample(p, r.generator)[0])
+                tok = int(draw(p, r.params, r.generator)[0])
                 tokens[r.seq_id].append(tok)
                 probs[r.seq_id].append(p[0])
                 feed[r.seq_id] = [tok]

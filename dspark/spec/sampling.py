@@ -168,6 +168,16 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.minimum(ids, last)
 
 
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """(N, V) -> (N,): the one "argmax or sample" of the library, for every token drawn
+    outside verification (the target's first token, draft tokens).
+
+    `probs` must come from `probs_from_logits` with the same `params`: greedy then gives a
+    one-hot, whose argmax is the logits' argmax (lowest index on ties); otherwise one inverse
+    CDF draw per row from `generator`."""
+    return greedy(probs) if params.greedy else sample(probs, generator)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A seeded per-request RNG, or None (use torch's global RNG) when no seed is given."""
     if seed is None:

@@ -4,8 +4,8 @@ Greedy rounds accept the longest prefix equal to the target's argmax. Sampled ro
 speculative (rejection) sampling, which is lossless: the emitted tokens are distributed
 exactly as if the target had sampled them one at a time. `rejection_sample` is the
 vectorised core (many rounds of equal length at once); `verify_sampling` runs it on one
-sequence, and `verify_batch` loops `verify` over a batch of sequences with their own
-params and RNGs.
+sequence. The engine calls `verify` once per sequence of a batch, with its own params and
+RNG, after the verification policy has trimmed its drafts.
 
 Every round emits `num_accepted` drafts and then one target token (the correction after a
 rejection, or the bonus after full acceptance), unless a stop token ends it first: the
@@ -16,11 +16,10 @@ no target token is emitted at all.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 import torch
 
-from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams, probs_from_logits, sample
 
 
@@ -44,20 +43,6 @@ def verify(draft_tokens: list[int], draft_probs: torch.Tensor | None, target_log
         return verify_greedy(draft_tokens, target_logits, stop_ids)
     target_probs = probs_from_logits(target_logits, params)  # (l+1, V)
     return verify_sampling(draft_tokens, draft_probs, target_probs, generator, stop_ids)
-
-
-def verify_batch(drafts: Sequence[Draft], target_logits: Sequence[torch.Tensor],
-                 params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-                 stop_ids: Sequence[Collection[int]]) -> list[VerifyResult]:
-    """`verify` per sequence. Request r verifies the first l_r = target_logits[r].shape[0] - 1
-    drafts of drafts[r] (the scheduler may have trimmed the rest)."""
-    results = []
-    for draft, logits, p, g, stops in zip(drafts, target_logits, params, generators, stop_ids,
-                                          strict=True):
-        n = logits.shape[0] - 1
-        probs = None if draft.probs is None else draft.probs[:n]
-        results.append(verify(draft.tokens[:n], probs, logits, p, g, stops))
-    return results
 
 
 def verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor,

@@ -18,7 +18,7 @@ from dspark.drafter.proposer import DrafterProposer
 from dspark.models.runner import ModelRunner, SeqInput
 from dspark.models.transformer import CausalLM
 from dspark.spec.proposer import DraftRequest
-from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from dspark.spec.sampling import SamplingParams, draw, make_generator, probs_from_logits
 from dspark.spec.verify import verify
 
 
@@ -57,9 +57,7 @@ class RoundStats:
 
 
 def _first_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    if params.greedy:
-        return int(logits.argmax())
-    return int(sample(probs_from_logits(logits[None], params), gen)[0])
+    return int(draw(probs_from_logits(logits[None], params), params, gen)[0])
 
 
 @torch.inference_mode()

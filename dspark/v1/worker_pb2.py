@@ -22,38 +22,21 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from dspark.v1 import generation_pb2 as dspark_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64spark/v1/worker.proto\x12\tdspark.v1\x1a\x1a\x64spark/v1/generation.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x06KVSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0f\n\x07max_len\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\"~\n\x0bKVHandshake\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.dspark.v1.KVSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12&\n\x0b\x65xtras_meta\x18\x04 \x03(\x0b\x32\x11.dspark.v1.Tensor\"-\n\x10KVHandshakeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x83\x01\n\x0cKVRendezvous\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x12\n\ngroup_name\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x04\"\xae\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.dspark.v1.SamplingOptions\x12\x16\n\x0etarget_replica\x18\x04 \x01(\t\x12\x17\n\x0f\x64rafter_replica\x18\x05 \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x06 \x03(\x05\"\x9c\x01\n\rPrefillResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\"\n\x07kv_spec\x18\x04 \x01(\x0b\x32\x11.dspark.v1.KVSpec\x12#\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x11.dspark.v1.Tensor\"\xa5\x01\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nchor_token\x18\x02 \x01(\x05\x12\'\n\x0cnew_features\x18\x03 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.dspark.v1.SamplingOptions\"\x89\x01\n\rProposeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12&\n\x0b\x64raft_probs\x18\x03 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12&\n\x0b\x63onfidences\x18\x04 \x01(\x0b\x32\x11.dspark.v1.Tensor\"\xb7\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12&\n\x0b\x64raft_probs\x18\x03 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12&\n\x0b\x63onfidences\x18\x04 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.dspark.v1.SamplingOptions\"\x9f\x01\n\x0cVerifyResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12-\n\x12\x63ommitted_features\x18\x04 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12\"\n\x04step\x18\x05 \x01(\x0b\x32\x14.dspark.v1.SpecStats\"!\n\x0b\x46reeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64spark/v1/worker.proto\x12\tdspark.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x06KVSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0f\n\x07max_len\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\"~\n\x0bKVHandshake\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.dspark.v1.KVSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12&\n\x0b\x65xtras_meta\x18\x04 \x03(\x0b\x32\x11.dspark.v1.Tensor\"-\n\x10KVHandshakeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dspark.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSOR']._serialized_start=65
-  _globals['_TENSOR']._serialized_end=117
-  _globals['_KVSPEC']._serialized_start=120
-  _globals['_KVSPEC']._serialized_end=280
-  _globals['_KVHANDSHAKE']._serialized_start=282
-  _globals['_KVHANDSHAKE']._serialized_end=408
-  _globals['_KVHANDSHAKEREPLY']._serialized_start=410
-  _globals['_KVHANDSHAKEREPLY']._serialized_end=455
-  _globals['_KVRENDEZVOUS']._serialized_start=458
-  _globals['_KVRENDEZVOUS']._serialized_end=589
-  _globals['_PREFILLREQUEST']._serialized_start=592
-  _globals['_PREFILLREQUEST']._serialized_end=766
-  _globals['_PREFILLRESULT']._serialized_start=769
-  _globals['_PREFILLRESULT']._serialized_end=925
-  _globals['_PROPOSEREQUEST']._serialized_start=928
-  _globals['_PROPOSEREQUEST']._serialized_end=1093
-  _globals['_PROPOSERESULT']._serialized_start=1096
-  _globals['_PROPOSERESULT']._serialized_end=1233
-  _globals['_VERIFYREQUEST']._serialized_start=1236
-  _globals['_VERIFYREQUEST']._serialized_end=1419
-  _globals['_VERIFYRESULT']._serialized_start=1422
-  _globals['_VERIFYRESULT']._serialized_end=1581
-  _globals['_FREEREQUEST']._serialized_start=1583
-  _globals['_FREEREQUEST']._serialized_end=1616
+  _globals['_TENSOR']._serialized_start=37
+  _globals['_TENSOR']._serialized_end=89
+  _globals['_KVSPEC']._serialized_start=92
+  _globals['_KVSPEC']._serialized_end=252
+  _globals['_KVHANDSHAKE']._serialized_start=254
+  _globals['_KVHANDSHAKE']._serialized_end=380
+  _globals['_KVHANDSHAKEREPLY']._serialized_start=382
+  _globals['_KVHANDSHAKEREPLY']._serialized_end=427
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ import torch
 
 from dspark.spec.sampling import (
     SamplingParams,
+    draw,
     greedy,
     make_generator,
     one_hot_argmax,
@@ -60,6 +61,15 @@ def test_greedy_is_one_hot_of_lowest_argmax() -> None:
     assert probs.dtype == torch.float32
     assert greedy(logits).tolist() == [1, 0]
     assert torch.equal(one_hot_argmax(logits), probs)
+
+
+def test_draw_is_the_argmax_when_greedy_and_a_sample_otherwise() -> None:
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 0.0]], dtype=torch.bfloat16)
+    plain = SamplingParams()
+    assert draw(probs_from_logits(logits, plain), plain, None).tolist() == logits.float().argmax(-1).tolist()
+    hot = SamplingParams(temperature=1.0, seed=3)
+    probs = probs_from_logits(logits, hot)
+    assert torch.equal(draw(probs, hot, make_generator(3)), sample(probs, make_generator(3)))
 
 
 def test_rows_are_normalised_float32() -> None:

@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import dspark.spec.verify as verify_mod
-from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from dspark.spec.verify import (
     _next_token_probs,
     verify,
-    verify_batch,
     verify_greedy,
     verify_sampling,
 )
@@ -119,13 +117,6 @@ def test_verify_dispatches_on_params_and_is_reproducible() -> None:
     q = probs_from_logits(logits[:3], params)
     runs = [verify(draft, q, logits, params, make_generator(3)) for _ in range(2)]
     assert runs[0] == runs[1]
-
-
-def test_verify_batch_truncates_drafts_to_scheduled_length() -> None:
-    drafts = [Draft([1, 2, 3]), Draft([4, 5], probs=_one_hot([4, 5]))]
-    logits = [_argmax_logits([1, 2]), _argmax_logits([4, 6])]  # l = 1 for both
-    results = verify_batch(drafts, logits, [SamplingParams()] * 2, [None, None], [(), ()])
-    assert [r.tokens for r in results] == [[1, 2], [4, 6]]
 
 
 def test_sampling_all_accepted_adds_bonus_from_the_last_row() -> None:
