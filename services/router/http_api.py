@@ -90,7 +90,7 @@ class OpenAIFront:
         """KV slots held on the target replicas, for leak checks (`dspark loadtest
         --leak-check-url`); behind the API key like everything else."""
         pools, capacity = self.router.pools, self.router.cfg.pool("target").max_batch_size
-        infos = await asyncio.gather(*(pools.handle(n).info.remote() for n in pools.names["target"]))
+        infos = await asyncio.gather(*(pools.client(n).health() for n in pools.names["target"]))
         return web.json_response({"used_slots": sum(capacity - i.num_free_slots for i in infos),
                                   "in_flight": self.router.in_flight})
 

@@ -19,6 +19,7 @@ only token ids, a replacement drafter is attached in the background when one ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +49,18 @@ from services.state.redis_state import (
     StateUnavailable,
     UnknownRequest,
 )
-from services.workers.messages import PrefillResult, ProposeCall, StateLost, VerifyCall, VerifyReply, WorkerInfo
+from services.workers.client import WorkerClient
+from services.workers.messages import (
+    PrefillCall,
+    PrefillResult,
+    ProposeCall,
+    ReceiveCall,
+    StartCall,
+    StateLost,
+    VerifyCall,
+    VerifyReply,
+    WorkerInfo,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,30 +123,43 @@ class Router:
         self._background: set[asyncio.Task] = set()
 
     # -- helpers -----------------------------------------------------------------------------
-    async def _redis(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call_state(self, fn: Callable[..., T], *args: Any) -> T:
+        """A blocking `FleetState` call, off the event loop; an unreachable store is UNAVAILABLE."""
         try:
             return await asyncio.to_thread(fn, *args)
         except StateUnavailable as e:
             raise RouterError("UNAVAILABLE", f"fleet state store unavailable: {e}") from e
 
-    async def _call(self, name: str, method: str, *args: Any) -> Any:
-        return await getattr(self.pools.handle(name), method).remote(*args)
+    def _client(self, name: str) -> WorkerClient:
+        return self.pools.client(name)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _quietly(self, name: str, method: str, request_id: str) -> None:
+    async def release_everywhere(self, request_id: str) -> None:
+        """Free the request on every target and drafter replica (its router died, so which
+        ones hold it is unknown)."""
+        names = self.pools.names
+        await asyncio.gather(*(self.release_quietly(n, request_id) for n in names["target"] + names["drafter"]))
+
+    async def release_quietly(self, name: str, request_id: str) -> None:
+        """Free what replica `name` holds for the request; a failure is only logged (a dead
+        replica's state died with it)."""
         try:
-            await asyncio.wait_for(self._call(name, method, request_id), 10)
-        except Exception as e:  # a dead replica's state died with it
-            log.info("%s(%s) on %s: %s", method, request_id, name, e)
+            await asyncio.wait_for(self._client(name).release(request_id), 10)
+        except Exception as e:
+            log.info("release(%s) on %s: %s", request_id, name, e)
 
     # -- one request ---------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
-        async for event in self._counted(self._generate(spec)):
-            yield event
+        """The request's events. Closing the stream (a client gone) frees its workers and
+        records CANCELLED before `aclose()` returns: every generator of the chain closes the
+        one it reads (`aclosing`), none is left to the garbage collector to finish later."""
+        async with contextlib.aclosing(self._counted(self._generate(spec))) as events:
+            async for event in events:
+                yield event
 
     async def continue_request(self, record: Any, committed: list[int]) -> AsyncIterator[StepEvent]:
         """Continue a request whose router died (this router has claimed it): free whatever
@@ -148,12 +173,11 @@ class Router:
                            meta.get("owner", ""), None if block in (None, "") else int(block))
         self.num_takeovers += 1
         self.metrics.observe_recovery(takeover=True)
-        names = self.pools.names
-        await asyncio.gather(*(self._quietly(n, "free", spec.request_id) for n in names["target"]),
-                             *(self._quietly(n, "finish", spec.request_id) for n in names["drafter"]))
+        await self.release_everywhere(spec.request_id)
         job = _Job(spec, self.text_stream(spec.params), committed=list(committed))
-        async for event in self._counted(self._drive(job, time.perf_counter())):
-            yield event
+        async with contextlib.aclosing(self._counted(self._drive(job, time.perf_counter()))) as events:
+            async for event in events:
+                yield event
 
     def text_stream(self, params: SamplingParams) -> TextStream:
         """The library's stop-string detokenizer for a request (Resume replays through it too)."""
@@ -206,11 +230,12 @@ class Router:
     async def _generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
         t0 = time.perf_counter()
         try:
-            await self._redis(self.state.register, spec.request_id, self._meta(spec))
+            await self.call_state(self.state.register, spec.request_id, self._meta(spec))
         except StateConflict:
             raise RouterError("ALREADY_EXISTS", f"request {spec.request_id} already exists") from None
-        async for event in self._drive(_Job(spec, self.text_stream(spec.params)), t0):
-            yield event
+        async with contextlib.aclosing(self._drive(_Job(spec, self.text_stream(spec.params)), t0)) as events:
+            async for event in events:
+                yield event
 
     async def _drive(self, job: _Job, t0: float) -> AsyncIterator[StepEvent]:
         """Admission (or re-admission from the log), then speculative steps until done."""
@@ -221,11 +246,11 @@ class Router:
             if not job.committed:
                 await self._set_prefilling(spec.request_id)
                 await self._admit_until_deadline(job)
-                await self._redis(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
+                await self.call_state(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
                 pres, job.first = job.first, None
                 assert pres is not None
                 ev = self._commit(job, [pres.first_token], pres.finish_reason, pres.logprobs)
-                await self._redis(self.state.append_tokens, spec.request_id, 0, ev.token_ids)
+                await self.call_state(self.state.append_tokens, spec.request_id, 0, ev.token_ids)
                 job.committed = list(ev.token_ids)
                 stamps.append(time.perf_counter())
                 yield self._finish_event(job, ev)
@@ -241,7 +266,7 @@ class Router:
                 reply = await self._step(job)
                 ev = self._commit(job, reply.tokens, reply.finish_reason, reply.logprobs)
                 ev.drafted, ev.accepted, ev.verify_tokens = reply.drafted, reply.accepted, reply.verify_tokens
-                await self._redis(self.state.append_tokens, spec.request_id, offset, ev.token_ids)
+                await self.call_state(self.state.append_tokens, spec.request_id, offset, ev.token_ids)
                 job.committed += ev.token_ids
                 job.num_forwards += 1
                 stamps.append(time.perf_counter())
@@ -280,7 +305,7 @@ class Router:
 
     async def _set_prefilling(self, request_id: str) -> None:
         try:
-            await self._redis(self.state.set_status, request_id, RequestStatus.PREFILLING)
+            await self.call_state(self.state.set_status, request_id, RequestStatus.PREFILLING)
         except StateConflict:  # already PREFILLING: a request taken over mid-admission
             pass
 
@@ -314,18 +339,18 @@ class Router:
         prefill = self.pools.pick("prefill")
         job.target = self.pools.pick("target", job.avoid)
         self.pools.load[job.target] += 1
-        pinfo, tinfo = await asyncio.gather(self._call(prefill, "info"), self._call(job.target, "info"))
+        pinfo, tinfo = await asyncio.gather(self._client(prefill).health(), self._client(job.target).health())
         dinfo = await self._drafter_info(job)
         layers = dinfo.feature_layers if dinfo is not None else ()
         tokens = spec.prompt_ids + committed[:-1]
         params = spec.worker_params
-        calls = [self._call(prefill, "prefill", spec.request_id, tokens, params, tinfo.peer_id,
-                            dinfo.peer_id if layers else None, layers),
-                 self._call(job.target, "receive", spec.request_id, pinfo.peer_id, spec.prompt_ids,
-                            params, committed or None, layers)]
+        calls = [self._client(prefill).prefill(PrefillCall(spec.request_id, tokens, params, tinfo.peer_id,
+                                                           dinfo.peer_id if layers else None, layers)),
+                 self._client(job.target).receive(ReceiveCall(spec.request_id, pinfo.peer_id, spec.prompt_ids,
+                                                              params, committed or None, layers))]
         if dinfo is not None:
-            start = self._call(job.drafter, "start", spec.request_id, spec.prompt_ids, params,
-                               pinfo.peer_id if layers else None)
+            start = self._client(job.drafter).start(StartCall(spec.request_id, spec.prompt_ids, params,
+                                                              pinfo.peer_id if layers else None))
             # A feature-reading drafter must take the prefill's stream: no timeout of our own.
             calls.append(start if layers else asyncio.wait_for(start, self.cfg.drafter_timeout_s))
         t0 = time.perf_counter()
@@ -367,7 +392,8 @@ class Router:
         job.drafter = self.pools.pick("drafter", job.avoid)
         self.pools.load[job.drafter] += 1
         try:
-            job.drafter_info = await asyncio.wait_for(self._call(job.drafter, "info"), self.cfg.drafter_timeout_s)
+            job.drafter_info = await asyncio.wait_for(self._client(job.drafter).health(),
+                                                      self.cfg.drafter_timeout_s)
         except Exception as e:
             if not _recoverable(e):
                 raise
@@ -383,7 +409,7 @@ class Router:
         if job.drafter:
             self.pools.load[job.drafter] -= 1
             job.avoid = {job.drafter}
-            self._spawn(self._quietly(job.drafter, "finish", job.spec.request_id))
+            self._spawn(self.release_quietly(job.drafter, job.spec.request_id))
         job.drafter, job.features = "", None
         job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
 
@@ -401,11 +427,12 @@ class Router:
         name = self.pools.pick("drafter", job.avoid)
         spec, started = job.spec, False
         try:
-            info = await asyncio.wait_for(self._call(name, "info"), self.cfg.drafter_timeout_s)
+            info = await asyncio.wait_for(self._client(name).health(), self.cfg.drafter_timeout_s)
             if not info.feature_layers:
                 started = True
-                await asyncio.wait_for(self._call(name, "start", spec.request_id, spec.prompt_ids,
-                                                  spec.worker_params, None), self.cfg.drafter_timeout_s)
+                await asyncio.wait_for(self._client(name).start(StartCall(spec.request_id, spec.prompt_ids,
+                                                                          spec.worker_params)),
+                                       self.cfg.drafter_timeout_s)
                 job.drafter, job.drafter_info, job.avoid = name, info, set()
                 self.pools.load[name] += 1
                 log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
@@ -413,7 +440,7 @@ class Router:
                 job.drafter_info = info  # stays in fallback: see _maybe_attach_drafter
         except asyncio.CancelledError:
             if started:
-                self._spawn(self._quietly(name, "finish", spec.request_id))
+                self._spawn(self.release_quietly(name, spec.request_id))
             raise
         except Exception as e:
             log.info("request %s: drafter %s still unavailable: %s", spec.request_id, name, e)
@@ -443,7 +470,7 @@ class Router:
         info = job.drafter_info
         if job.drafter and info is not None and info.has_proposer and job.max_drafts > 0:
             try:
-                draft = await asyncio.wait_for(self._call(job.drafter, "propose", ProposeCall(
+                draft = await asyncio.wait_for(self._client(job.drafter).draft(ProposeCall(
                     job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts, job.features)),
                     self.cfg.drafter_timeout_s)
                 job.features = None
@@ -461,7 +488,7 @@ class Router:
         draft = await self._propose(job)
         t1 = time.perf_counter()
         try:
-            reply: VerifyReply = await self._call(job.target, "verify", VerifyCall(job.spec.request_id, draft))
+            reply = await self._client(job.target).verify(VerifyCall(job.spec.request_id, draft))
         except Exception:
             job.avoid = {job.target}
             raise
@@ -484,22 +511,22 @@ class Router:
     async def _recover(self, job: _Job) -> None:
         await self._release_workers(job)
         # The log, not local memory, says what the client has been sent.
-        job.committed = await self._redis(self.state.read_tokens, job.spec.request_id)
+        job.committed = await self.call_state(self.state.read_tokens, job.spec.request_id)
         job.features = None
         await self._set_prefilling(job.spec.request_id)
         await self._admit_until_deadline(job)
-        await self._redis(self.state.set_status, job.spec.request_id, RequestStatus.RUNNING)
+        await self.call_state(self.state.set_status, job.spec.request_id, RequestStatus.RUNNING)
 
     # -- release -------------------------------------------------------------------------------
     async def _release_workers(self, job: _Job) -> None:
         if job.attach is not None:
             job.attach.cancel()
             job.attach = None
-        for name, method in ((job.target, "free"), (job.drafter, "finish")):
+        for name in (job.target, job.drafter):
             if not name:
                 continue
             self.pools.load[name] -= 1
-            await self._quietly(name, method, job.spec.request_id)
+            await self.release_quietly(name, job.spec.request_id)
         job.target = job.drafter = ""
 
     async def _release(self, job: _Job, status: RequestStatus, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""Handles to every worker deployment, grouped by pool, and which replica gets a request.
+"""A `WorkerClient` for every worker deployment, grouped by pool, and which replica gets a
+request.
 
 Stickiness is by address: each replica is its own named deployment, so a request pinned to
 `TargetWorker1` always reaches the process holding its KV."""
@@ -9,22 +10,22 @@ import asyncio
 import collections
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from services.config import POOL_NAMES, FleetConfig
+from services.workers.client import RayWorkerClient, WorkerClient
 
 
 class WorkerPools:
     def __init__(self, cfg: FleetConfig) -> None:
         self.names = {pool: cfg.deployment_names(pool) for pool in POOL_NAMES}
-        self.handles: dict[str, DeploymentHandle] = {
-            name: serve.get_deployment_handle(name, cfg.app_name)
-            for names in self.names.values() for name in names}
+        self.clients: dict[str, WorkerClient] = {
+            name: RayWorkerClient(name, pool, serve.get_deployment_handle(name, cfg.app_name))  # type: ignore[arg-type]
+            for pool, names in self.names.items() for name in names}
         self.load: collections.Counter[str] = collections.Counter()  # requests pinned per replica
         self._send_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
-    def handle(self, name: str) -> DeploymentHandle:
-        return self.handles[name]
+    def client(self, name: str) -> WorkerClient:
+        return self.clients[name]
 
     def pick(self, pool: str, avoid: set[str] = frozenset()) -> str:  # type: ignore[assignment]
         """Least-loaded replica of `pool`, preferring ones not in `avoid` (recently failed);

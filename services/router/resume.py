@@ -63,7 +63,7 @@ class Continuity:
     async def _alive(self, router_id: str) -> bool:
         if router_id == self.router.router_id:
             return True
-        return await self.router._redis(self.state.router_alive, router_id)
+        return await self.router.call_state(self.state.router_alive, router_id)
 
     # -- Resume ----------------------------------------------------------------------------
     async def resume(self, request_id: str, offset: int, owner: str) -> AsyncIterator[StepEvent]:
@@ -72,7 +72,7 @@ class Continuity:
             raise invalid("offset must be >= 0", "offset")
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
             raise invalid("request_id must be printable and 1-128 characters", "request_id")
-        redis = self.router._redis
+        redis = self.router.call_state
         first, text = True, None
         while True:
             try:
@@ -129,9 +129,7 @@ class Continuity:
 
     async def _reap(self, request_id: str) -> None:
         log.warning("request %s: orphaned by a dead router and not resumed; freeing it", request_id)
-        names, quietly = self.router.pools.names, self.router._quietly
-        await asyncio.gather(*(quietly(n, "free", request_id) for n in names["target"]),
-                             *(quietly(n, "finish", request_id) for n in names["drafter"]))
+        await self.router.release_everywhere(request_id)
         with contextlib.suppress(StateConflict, UnknownRequest):
             await asyncio.to_thread(self.state.set_status, request_id, RequestStatus.FAILED,
                                     {"finish_reason": "error"})

@@ -43,7 +43,7 @@ class RouterServer:
     async def start(self, host: str, grpc_port: int, http_port: int) -> tuple[int, int]:
         """Bind both fronts (port 0 = any free port); returns the bound ports."""
         pools = WorkerPools(self.cfg)
-        tinfo = await pools.handle(pools.names["target"][0]).info.remote()
+        tinfo = await pools.client(pools.names["target"][0]).health()
         tokenizer = Tokenizer.from_dir(resolve_model_dir(self.cfg.model), tinfo.eos_token_ids)
         limits = Limits.of(self.cfg, tinfo.max_context, tinfo.vocab_size)
         self.router = Router(self.cfg, self.state, pools, tokenizer, self.metrics, tinfo.eos_token_ids)

@@ -9,6 +9,7 @@ import torch
 
 from dspark.spec.logits import TokenLogprob
 from dspark.spec.proposer import Draft
+from dspark.spec.sampling import SamplingParams
 
 
 class StateLost(RuntimeError):
@@ -37,6 +38,40 @@ class PrefillResult:
     prefill_s: float
     transfer_s: float
     logprobs: list[TokenLogprob] | None = None  # of the first token, when the request asks
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillCall:
+    """Prefill worker: run the target over `token_ids`, stream the KV to `target_peer` and
+    (for a feature-reading drafter) the tapped features to `drafter_peer`."""
+    request_id: str
+    token_ids: list[int]  # prompt (+ committed[:-1] when re-prefilling after a failover)
+    params: SamplingParams
+    target_peer: str
+    drafter_peer: str | None = None
+    feature_layers: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceiveCall:
+    """Target worker: import the KV a prefill worker streams; with `committed` (failover)
+    the request resumes after those logged tokens."""
+    request_id: str
+    prefill_peer: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    committed: list[int] | None = None
+    feature_layers: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StartCall:
+    """Drafter worker: begin drafting for a request; with `prefill_peer`, first receive the
+    prompt's tapped features from that prefill worker."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefill_peer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

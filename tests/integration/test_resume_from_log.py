@@ -50,7 +50,7 @@ class NoWorkers:
     names: dict[str, list[str]] = {"prefill": [], "target": [], "drafter": []}
     load: collections.Counter[str] = collections.Counter()
 
-    def handle(self, name: str) -> Any:
+    def client(self, name: str) -> Any:
         raise AssertionError(f"worker {name} called for a request whose log is complete")
 
     def pick(self, pool: str, avoid: object = ()) -> str:

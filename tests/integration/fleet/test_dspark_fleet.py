@@ -2,8 +2,8 @@
 greedy output through gRPC equals the embedded engine's, and the usage reports drafts
 being accepted.
 
-No second Ray fleet: the three worker classes run in this process behind stand-in
-handles, and everything else is the production path: the gRPC front and the router's
+No second Ray fleet: the three worker classes run in this process behind
+`InProcessWorkerClient`s, and everything else is the production path: the gRPC front and the router's
 per-request loop (`RouterServer`, `Router`), Redis state, and the gloo KV transport
 carrying the prompt's KV prefill -> target and its features prefill -> drafter; the
 features of committed positions then go target -> router -> drafter every step. Only
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import shutil
 import threading
 from collections.abc import Iterator
@@ -42,39 +41,6 @@ PROMPTS = [
 ]
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        if inspect.iscoroutinefunction(self.fn):
-            return self.fn(*args)
-        return asyncio.to_thread(self.fn, *args)
-
-
-class _Handle:
-    """A worker object behind the call shape of a Serve handle (`await h.method.remote(...)`).
-    `verify` / `propose` go straight to the batched implementation with a batch of one
-    (`@serve.batch` only runs inside a Serve replica)."""
-
-    BATCHED = {"verify": "_verify", "propose": "_propose"}
-
-    def __init__(self, worker: Any) -> None:
-        self.worker = worker
-
-    def __getattr__(self, name: str) -> _Method:
-        if name not in self.BATCHED:
-            return _Method(getattr(self.worker, name))
-        batched = getattr(self.worker, self.BATCHED[name])
-
-        def one(call: Any) -> Any:
-            result = batched([call])[0]
-            if isinstance(result, Exception):
-                raise result
-            return result
-        return _Method(one)
-
-
 @pytest.fixture(scope="module")
 def dspark_fleet() -> Iterator[Any]:
     if shutil.which("redis-server") is None:
@@ -88,6 +54,7 @@ def dspark_fleet() -> Iterator[Any]:
     from services.state.redis_state import FleetState, StateConfig
     from services.state.server import RedisServer
     from services.workers import drafter, prefill, target
+    from services.workers.client import InProcessWorkerClient
 
     torch.set_num_threads(1)
     loaded: dict[tuple, Any] = {}
@@ -101,9 +68,10 @@ def dspark_fleet() -> Iterator[Any]:
     workers: dict[str, Any] = {}
 
     class InProcessPools(WorkerPools):
-        def __init__(self, cfg: Any) -> None:  # no Serve: handles onto the local workers
+        def __init__(self, cfg: Any) -> None:  # no Serve: clients onto the local workers
             self.names = {pool: cfg.deployment_names(pool) for pool in WORKER_CLASSES}
-            self.handles = {name: _Handle(workers[name]) for names in self.names.values() for name in names}
+            self.clients = {name: InProcessWorkerClient(name, pool, workers[name])
+                            for pool, names in self.names.items() for name in names}
             self.load = collections.Counter()
             self._send_locks = collections.defaultdict(asyncio.Lock)
 
