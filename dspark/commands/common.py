@@ -16,10 +16,11 @@ from dspark.engine.build import TARGET_DTYPES
 from dspark.models.registry import DEFAULT_MODEL
 
 
-def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None = None,
+                        compile_default: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local checkpoint path")
-    add_runtime_arguments(g)
+    add_runtime_arguments(g, compile_default)
     g.add_argument("--method", default=method_default,
                    help="ar or a registered proposer: ngram, draft-model, dspark, dflash (default: dspark "
                         "when a shipped drafter exists for the model, else ar)")
@@ -34,13 +35,15 @@ def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None =
     g.add_argument("--max-seq-len", type=int, default=2048)
 
 
-def add_runtime_arguments(g: argparse._ActionsContainer) -> None:
-    """--dtype, --device, --compile/--no-compile, --threads: how the target runs."""
+def add_runtime_arguments(g: argparse._ActionsContainer, compile_default: bool = True) -> None:
+    """--dtype, --device, --compile/--no-compile, --threads: how the target runs. Compiling
+    costs about a minute per process even with warm kernel caches (two on a cold one), so
+    one-shot commands default to eager."""
     g.add_argument("--dtype", choices=TARGET_DTYPES, default="auto",
                    help="auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, else float32; "
                         "int8: weight-only int8 (bf16 activations)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
                    help="torch.compile the decode/verify step (inductor with frozen weights on CPU, "
                         "CUDA graphs on GPU); compiled once per model, dtype and token bucket")
     g.add_argument("--threads", type=int, default=None,

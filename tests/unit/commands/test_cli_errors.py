@@ -47,3 +47,16 @@ def test_error_is_one_line_from_a_real_process() -> None:
     r = dspark("generate", "--prompt", "hi", "--top-p", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "top-p" in r.stderr
+
+
+def test_one_shot_generate_runs_eager_and_benchmarks_compile() -> None:
+    import argparse
+
+    from dspark.commands import bench, generate
+
+    defaults = {}
+    for name, module in (("generate", generate), ("bench", bench)):
+        p = argparse.ArgumentParser()
+        module.add_arguments(p)
+        defaults[name] = p.get_default("compile")
+    assert defaults == {"generate": False, "bench": True}
