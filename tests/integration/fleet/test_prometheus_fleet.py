@@ -256,15 +256,17 @@ def test_live_rules_agree_with_the_clients(load_run, fleet) -> None:
     assert value(prom, "dspark:generation_tokens:rate5m", pool="drafter") == 0
     assert value(prom, "dspark:spec_decode_fallback:rate5m", **spec) == 0
     assert value(prom, "dspark:request_errors:ratio_rate5m") == 0  # a client's bad request is not a server error
-    # Cost per 1M output tokens: the pool's configured price over the fleet's token rate.
-    output_rate = value(prom, "sum(rate(dspark:generation_tokens_total[5m]))")
+    # Cost per 1M output tokens: the pool's configured price over the fleet's token rate, that
+    # rate evaluated at the rule's own evaluation time (the 5m rate keeps moving after it).
     for pool in ("prefill", "target", "drafter"):
         p = fleet.cfg.pool(pool)
         assert value(prom, "dspark:pool_hourly_cost_dollars", pool=pool) == p.hourly_cost * p.replicas
         assert value(prom, "dspark:pool_replicas", pool=pool) == p.replicas
-        cost = value(prom, "dspark:cost_per_million_output_tokens_dollars:rate5m", pool=pool)
-        # (the rule was evaluated up to a second before this query: the rate moved a little)
-        assert cost == pytest.approx(p.hourly_cost * p.replicas / (3600 * output_rate) * 1e6, rel=0.02)
+        rule = "dspark:cost_per_million_output_tokens_dollars:rate5m"
+        at = value(prom, f"timestamp({rule})", pool=pool)
+        [cost] = [s["value"] for s in prom.query(rule, at=at) if s["metric"].get("pool") == pool]
+        [rate] = prom.query("sum(rate(dspark:generation_tokens_total[5m]))", at=at)
+        assert cost == pytest.approx(p.hourly_cost * p.replicas / (3600 * rate["value"]) * 1e6, rel=0.02)
     # Latency quantiles: ordered, positive, inside the histograms' buckets.
     for metric in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
         p50, p99 = (value(prom, f"dspark:{metric}:{q}_5m") for q in ("p50", "p99"))
