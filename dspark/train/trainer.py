@@ -99,7 +99,6 @@ def with_target_labels(blocks: AnchorBatch, tb: TargetBatch, flags: list[bool],
     top1_all = tb.top_ids[..., 0].cpu()  # (B, S) argmax at every answer position (0 elsewhere)
     top1 = top1_all.gather(1, blocks.target_pos.view(B, -1)).view(B, N, K)
     flagged = torch.tensor(flags)[:, None, None]
-    use = flagged & blocks.supervised
     supervised = blocks.supervised
     if greedy_chains:
         ids = tb.input_ids.cpu()
@@ -109,8 +108,8 @@ def with_target_labels(blocks: AnchorBatch, tb: TargetBatch, flags: list[bool],
         chain = torch.ones_like(slot_agrees)
         chain[..., 1:] = slot_agrees[..., :-1].long().cumprod(-1).bool()  # slot j needs agreement at a..a+j-1
         supervised = torch.where(flagged, supervised & chain, supervised)
-    return dataclasses.replace(blocks, labels=torch.where(use & supervised, top1, blocks.labels).masked_fill(
-        ~supervised, 0), supervised=supervised)
+    labels = torch.where(flagged, top1, blocks.labels).masked_fill(~supervised, 0)
+    return dataclasses.replace(blocks, labels=labels, supervised=supervised)
 
 
 class Trainer:
