@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dspark.engine.build import EngineSpec
 from dspark.errors import UserError
+from dspark.models.runtime import default_dtype
 from dspark.models.registry import DEFAULT_MODEL
 from services.security.config import SecurityConfig
 
@@ -19,6 +20,7 @@ POOL_NAMES = ("prefill", "target", "drafter")
 # Proposers built on the target model (they read its tapped features and share its
 # embeddings): their drafter pool must load the target.
 TARGET_READING_METHODS = ("dspark", "dflash", "hybrid")
+FleetDtype = Literal["auto", "float32", "bfloat16", "int8"]  # the CLI's --dtype choices
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
 
 
@@ -35,7 +37,8 @@ class PoolConfig(_Strict):
                                         "replica, e.g. {pool_target: 0.5}: pins the replica to its pool's nodes")
     accelerator_type: str | None = Field(None, description="Ray accelerator_type constraint (e.g. H100)")
     device: str = Field("cpu", description="torch device of the replica: cpu | cuda")
-    dtype: Literal["float32", "bfloat16"] | None = Field(None, description="override of the fleet dtype")
+    dtype: FleetDtype | None = Field(None, description="override of the fleet dtype")
+    compile: bool | None = Field(None, description="override of the fleet's compile setting")
     hourly_cost: float = Field(0.0, ge=0, description="USD per replica-hour, exported for cost per token")
     max_batch_size: int = Field(16, ge=1, description="calls batched into one forward (Serve dynamic "
                                 "batching); for the target also its number of KV slots")
@@ -50,7 +53,11 @@ def _pool(**overrides: object) -> PoolConfig:
 
 class FleetConfig(_Strict):
     model: str = Field(DEFAULT_MODEL, description="target model: registry name or checkpoint path")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="default dtype of every pool")
+    dtype: FleetDtype = Field("auto", description="default dtype of every pool: auto (bfloat16 where "
+                              "the replica's CPU has AVX512-BF16/AMX or its GPU has bf16, else float32), "
+                              "float32 (the exactness reference), bfloat16, int8 (CPU weight-only)")
+    compile: bool = Field(False, description="compile each replica's decode/verify step (inductor, "
+                          "bucketed token counts): about a minute per replica start, faster steps after")
     method: str = Field("ngram", description="speculation method: ar or a registered proposer")
     block_size: int = Field(7, ge=0, le=64, description="K: max draft tokens per step")
     draft_model: str | None = Field(None, description="draft model for method draft-model")
@@ -96,8 +103,14 @@ class FleetConfig(_Strict):
         return [base if i == 0 else f"{base}{i}" for i in range(self.pool(pool).replicas)]
 
     def engine_spec(self, pool: str) -> EngineSpec:
+        """The pool's engine; `auto` becomes the dtype the pool's device runs best, resolved
+        where the replica runs (its machine's CPU flags, not the router's)."""
         p = self.pool(pool)
-        return EngineSpec(model=self.model, dtype=p.dtype or self.dtype, device=p.device,
+        dtype = p.dtype or self.dtype
+        if dtype == "auto":
+            dtype = default_dtype(p.device)
+        return EngineSpec(model=self.model, dtype=dtype, device=p.device,
+                          compile=self.compile if p.compile is None else p.compile,
                           method=self.method, block_size=self.block_size, draft_model=self.draft_model,
                           drafter_checkpoint=self.drafter_checkpoint, verify_policy=self.verify_policy,
                           confidence_threshold=self.confidence_threshold,

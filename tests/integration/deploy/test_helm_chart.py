@@ -135,15 +135,17 @@ def test_worker_groups_match_serve_deployments(render_chart) -> None:
 
 def test_fleet_config_is_valid_and_matches_the_local_one(render_chart) -> None:
     """The rendered config passes FleetConfig; its settings equal deploy/serve/fleet.yaml's
-    except where a cluster differs (whole CPUs and pool resources per replica, Redis)."""
+    except where a cluster differs (whole CPUs and pool resources per replica, Redis, and the
+    dtype: the local fleet pins the fp32 reference, a cluster lets each machine choose)."""
     from services.config import validate_config
 
     rendered = fleet_config(render_chart())
     cfg = validate_config(dict(rendered), "chart")
     local = yaml.safe_load((REPO / "deploy/serve/fleet.yaml").read_text())
     for key, value in local.items():
-        if key not in ("pools", "redis_url"):
+        if key not in ("pools", "redis_url", "dtype"):
             assert rendered[key] == value, key
+    assert cfg.dtype == "auto"
     for pool, spec in local["pools"].items():
         for key, value in spec.items():
             if key not in ("num_cpus", "resources"):

@@ -19,3 +19,31 @@ def test_feature_reading_drafter_needs_the_target(method):
 
 def test_shipped_fleet_yaml_is_valid():
     assert load_config("deploy/serve/fleet.yaml").method == "ngram"
+
+
+def test_auto_dtype_resolves_per_pool_device(monkeypatch):
+    """`auto` is decided by each pool's device (where its replicas run), and a pool's own
+    dtype or compile setting overrides the fleet's."""
+    import services.config as config
+
+    seen = []
+    monkeypatch.setattr(config, "default_dtype", lambda device: seen.append(device) or
+                        ("bfloat16" if device == "cuda" else "float32"))
+    pools = {"prefill": {"device": "cpu"}, "target": {"device": "cuda", "compile": False},
+             "drafter": {"device": "cpu", "dtype": "int8"}}
+    cfg = load_config(None, dtype="auto", compile=True, pools=pools)
+    prefill, target, drafter = (cfg.engine_spec(p) for p in ("prefill", "target", "drafter"))
+    assert (prefill.dtype, prefill.compile) == ("float32", True)
+    assert (target.dtype, target.compile) == ("bfloat16", False)
+    assert drafter.dtype == "int8"  # explicit: never asks the machine
+    assert seen == ["cpu", "cuda"]
+    assert load_config(None, dtype="float32", pools=pools).engine_spec("prefill").dtype == "float32"
+
+
+def test_fleet_dtype_is_one_of_the_cli_choices():
+    from dspark.engine.build import TARGET_DTYPES
+
+    for dtype in TARGET_DTYPES:
+        assert load_config(None, dtype=dtype).dtype == dtype
+    with pytest.raises(UserError, match="dtype"):
+        load_config(None, dtype="float16")
