@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dspark.engine.build import EngineSpec
 from dspark.errors import UserError
-from dspark.models.runtime import default_dtype
 from dspark.models.registry import DEFAULT_MODEL
+from dspark.models.runtime import default_dtype
 from services.security.config import SecurityConfig
 
 POOL_NAMES = ("prefill", "target", "drafter")
