@@ -26,6 +26,7 @@ from dspark.engine.sequence import (
     StreamCallback,
     finish_reason_of,
     stop_token_ids,
+    take_features,
 )
 from dspark.engine.stop import TextStream
 from dspark.errors import UserError
@@ -236,10 +237,8 @@ class Engine:
             return [Draft([]) for _ in seqs]
         requests = []
         for seq in seqs:
-            feats = torch.cat(seq.pending_features) if seq.pending_features else None
-            seq.pending_features.clear()
             requests.append(DraftRequest(seq.seq_id, seq.token_ids, self.max_drafts(seq), seq.params,
-                                         feats, seq.generator))
+                                         take_features(seq.pending_features), seq.generator))
         return self.proposer.propose(requests)
 
     def max_drafts(self, seq: Sequence) -> int:

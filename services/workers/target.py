@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import torch
 from ray import serve
 
 from dspark.engine.build import load_target, make_policy
 from dspark.engine.engine import Engine, EngineConfig, StepStats
-from dspark.engine.sequence import Sequence
+from dspark.engine.sequence import Sequence, take_features
 from dspark.kv.handshake import KVSpec
 from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
@@ -107,15 +106,13 @@ class TargetWorker:
                 self.engine.verify_round(seqs, [c.draft for c in live], stats)
             replies: dict[str, VerifyReply] = {}
             for seq, call, (n_out, n_drafted, n_acc) in zip(seqs, live, before, strict=True):
-                features = torch.cat(seq.pending_features) if seq.pending_features else None
-                seq.pending_features.clear()
                 drafted = seq.num_drafted - n_drafted
                 replies[call.request_id] = VerifyReply(
                     tokens=seq.output_ids[n_out:], drafted=drafted, accepted=seq.num_accepted - n_acc,
                     verify_tokens=1 + drafted, batch_size=len(seqs),
                     max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
                     finish_reason=seq.finish_reason.value if seq.finished else None,
-                    features=features, verify_s=stats.verify_s,
+                    features=take_features(seq.pending_features), verify_s=stats.verify_s,
                     logprobs=_new_logprobs(seq, len(seq.output_ids) - n_out))
         return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
                                                        f"{c.request_id}") for c in calls]
