@@ -60,7 +60,7 @@ class StepStats:
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
     verify_tokens: int = 0  # target tokens in the verification forward (anchors + drafts)
-    proposed: bool = False  # the proposer ran this step (False: no proposer, or gated off)
+    proposed: bool = False  # a drafting pass made this step's drafts (False: no proposer, or gated off)
     prefill_s: float = 0.0
     propose_s: float = 0.0
     verify_s: float = 0.0
@@ -83,6 +83,9 @@ class Engine:
         self.policy = policy  # None = verify every draft (the `fixed` policy)
         self.sps = sps  # measured steps/s by verification batch size, for the confidence policy
         self.gate = gate  # None = draft every round
+        # Whether the next round drafts: the gate's decision, asked here for the first round
+        # and at the end of every round for the one after (`_gate_round`).
+        self.draft_next = gate is None or gate.should_draft()
         self.eos_token_ids = tuple(eos_token_ids)
         # Target layers to tap. A fleet target worker has no local proposer but taps for the
         # remote drafter, so the layers can be given explicitly.
@@ -192,22 +195,24 @@ class Engine:
 
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
         t0 = time.perf_counter()
-        gated = self.gate is not None and self.proposer is not None
-        if gated and not self.gate.should_draft():
-            drafts = [Draft([]) for _ in seqs]  # a plain target step; features keep pending
-        else:
+        if self.draft_next:
             drafts = self._propose(seqs)
             stats.proposed = self.proposer is not None
+        else:
+            drafts = [Draft([]) for _ in seqs]  # gated off: a plain target step; features keep pending
         stats.propose_s = time.perf_counter() - t0
         self.verify_round(seqs, drafts, stats)
-        if gated and stats.proposed:
-            self.gate.observe(len(seqs), stats.emitted, stats.propose_s, stats.verify_tokens)
 
     def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> None:
         """The verify-and-commit half of a round, for drafts made anywhere (the local
         proposer, or a remote drafter worker in the fleet): apply the verification policy to
         the whole batch, score `[anchor, drafts...]` of every sequence in ONE forward, keep
-        each accepted prefix plus the target's token, roll the KV back past the rest."""
+        each accepted prefix plus the target's token, roll the KV back past the rest.
+
+        The caller says in `stats.proposed` / `stats.propose_s` whether a drafting pass made
+        the drafts and what it cost (`_round` measures its proposer; a fleet target worker
+        passes the router's measurement): the round ends with the draft gate's bookkeeping
+        (`_gate_round`), so the gate decides alike embedded and in the fleet."""
         t1 = time.perf_counter()
         lengths = self._schedule(seqs, drafts)
         inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
@@ -231,6 +236,19 @@ class Engine:
         stats.num_seqs = len(seqs)
         stats.verify_tokens = sum(len(i.tokens) for i in inputs)
         stats.verify_s = time.perf_counter() - t1
+        self._gate_round(stats)
+
+    def _gate_round(self, stats: StepStats) -> None:
+        """The draft gate after a round: a drafted round's payoff is observed, then the gate
+        decides whether the NEXT round drafts (`draft_next`). Decided at the end of a round,
+        not the start of the next, so a fleet target worker can hand the decision back with
+        its verify replies (one verify batch = one engine step) and the router skips the
+        drafter call itself."""
+        if self.gate is None:
+            return
+        if stats.proposed:
+            self.gate.observe(stats.num_seqs, stats.emitted, stats.propose_s, stats.verify_tokens)
+        self.draft_next = self.gate.should_draft()
 
     def _propose(self, seqs: list[Sequence]) -> list[Draft]:
         if self.proposer is None or self.config.block_size == 0:
