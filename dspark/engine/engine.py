@@ -67,6 +67,20 @@ class StepStats:
     step_s: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """One sequence's outcome of a round (`verify_round`); `StepStats` keeps the batch's.
+    The round's tapped features are not here: they join the sequence's `pending_features`
+    (the engine's own proposer may take them rounds later; a fleet target worker takes
+    them every round with `take_features`)."""
+
+    tokens: list[int]  # committed: accepted drafts + the target's token, cut at a stop / the length limit
+    drafted: int  # drafts verified (the policy may verify fewer than were proposed)
+    accepted: int
+    finish_reason: FinishReason | None  # set when this round finished the sequence
+    logprobs: list[TokenLogprob] | None  # one per token, when the request asks
+
+
 class Engine:
     def __init__(self, model: CausalLM, eos_token_ids: tuple[int, ...] = (),
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
@@ -203,7 +217,7 @@ class Engine:
         stats.propose_s = time.perf_counter() - t0
         self.verify_round(seqs, drafts, stats)
 
-    def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> None:
+    def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> list[RoundResult]:
         """The verify-and-commit half of a round, for drafts made anywhere (the local
         proposer, or a remote drafter worker in the fleet): apply the verification policy to
         the whole batch, score `[anchor, drafts...]` of every sequence in ONE forward, keep
@@ -212,11 +226,13 @@ class Engine:
         The caller says in `stats.proposed` / `stats.propose_s` whether a drafting pass made
         the drafts and what it cost (`_round` measures its proposer; a fleet target worker
         passes the router's measurement): the round ends with the draft gate's bookkeeping
-        (`_gate_round`), so the gate decides alike embedded and in the fleet."""
+        (`_gate_round`), so the gate decides alike embedded and in the fleet. Returns each
+        sequence's `RoundResult`, in order."""
         t1 = time.perf_counter()
         lengths = self._schedule(seqs, drafts)
         inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
         out = self.runner.forward(inputs, self.taps)
+        results = []
         for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
             probs = draft.probs[:n] if draft.probs is not None else None
             # Penalties / logit bias first: drafts are judged by the processed target distribution.
@@ -227,7 +243,10 @@ class Engine:
             if out.taps is not None:
                 seq.pending_features.append(out.taps[b][: 1 + res.num_accepted])
             seq.record_round(n, res.num_accepted)
-            self._emit(seq, res.tokens, _logprobs(logits, res.tokens, seq))
+            logprobs = _logprobs(logits, res.tokens, seq)
+            tokens = self._emit(seq, res.tokens, logprobs)
+            results.append(RoundResult(tokens, n, res.num_accepted, seq.finish_reason,
+                                       None if logprobs is None else logprobs[: len(tokens)]))
             stats.drafted += n
             stats.accepted += res.num_accepted
             stats.emitted += len(res.tokens)
@@ -237,6 +256,7 @@ class Engine:
         stats.verify_tokens = sum(len(i.tokens) for i in inputs)
         stats.verify_s = time.perf_counter() - t1
         self._gate_round(stats)
+        return results
 
     def _gate_round(self, stats: StepStats) -> None:
         """The draft gate after a round: a drafted round's payoff is observed, then the gate
@@ -272,7 +292,9 @@ class Engine:
         confidences = [None if d.confidences is None else d.confidences[:n] for d, n in zip(drafts, lengths)]
         return [min(a, b) for a, b in zip(self.policy(confidences, lengths, self.sps), lengths)]
 
-    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Commit `tokens` (with their log-probs) up to a stop or the length limit, set the
+        finish reason, stream them; returns the tokens committed."""
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter()
         tokens = tokens[: seq.params.max_new_tokens - len(seq.output_ids)]
@@ -293,6 +315,7 @@ class Engine:
                 seq.text.flush()
         if seq.on_tokens is not None:
             seq.on_tokens(seq.seq_id, tokens, seq.finished)
+        return tokens
 
     def _reap(self) -> None:
         keep = []

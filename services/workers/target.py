@@ -103,23 +103,19 @@ class TargetWorker:
         with self._lock:
             live = [c for c in calls if c.request_id in self.seqs]
             seqs = [self.seqs[c.request_id] for c in live]
-            before = [(len(s.output_ids), s.num_drafted, s.num_accepted) for s in seqs]
             # The step drafted if the router called the drafter for any of its requests; the
             # drafter batches concurrent calls into one pass, so the slowest call is its cost.
             costs = [c.propose_s for c in live if c.propose_s is not None]
             stats = StepStats(proposed=bool(costs), propose_s=max(costs, default=0.0))
-            if seqs:
-                self.engine.verify_round(seqs, [c.draft for c in live], stats)
+            results = self.engine.verify_round(seqs, [c.draft for c in live], stats) if seqs else []
             replies: dict[str, VerifyReply] = {}
-            for seq, call, (n_out, n_drafted, n_acc) in zip(seqs, live, before, strict=True):
-                drafted = seq.num_drafted - n_drafted
+            for seq, call, r in zip(seqs, live, results, strict=True):
                 replies[call.request_id] = VerifyReply(
-                    tokens=seq.output_ids[n_out:], drafted=drafted, accepted=seq.num_accepted - n_acc,
-                    verify_tokens=1 + drafted, batch_size=len(seqs),
-                    max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
-                    finish_reason=seq.finish_reason.value if seq.finished else None,
-                    features=take_features(seq.pending_features), verify_s=stats.verify_s,
-                    logprobs=_new_logprobs(seq, len(seq.output_ids) - n_out), draft_next=self.engine.draft_next)
+                    tokens=r.tokens, drafted=r.drafted, accepted=r.accepted, verify_tokens=1 + r.drafted,
+                    batch_size=len(seqs), max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
+                    finish_reason=None if r.finish_reason is None else r.finish_reason.value,
+                    features=take_features(seq.pending_features), verify_s=stats.verify_s, logprobs=r.logprobs,
+                    draft_next=self.engine.draft_next)
         return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
                                                        f"{c.request_id}") for c in calls]
 
@@ -134,9 +130,3 @@ class TargetWorker:
             self.engine.cache.free(seq.slot)
         return seq is not None
 
-
-def _new_logprobs(seq: Sequence, num_new: int) -> list | None:
-    """Log-probs of the last `num_new` tokens (the sequence holds none for the prefill's first)."""
-    if seq.params.logprobs is None:
-        return None
-    return seq.logprobs[len(seq.logprobs) - num_new:] if num_new else []

@@ -43,6 +43,7 @@ from services.workers.client import InProcessWorkerClient
 
 MODEL = "smollm2-135m-instruct"
 MAX_NEW = 16
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
 PROMPTS = ["Name three primary colors.", "Write a python function that adds two numbers."]
 # Verification slows with the batch; a drafting pass costs half a one-token step. A round
 # drafts at a profit only when it emits about 2 tokens or more: the gate both drafts and skips.
@@ -168,9 +169,9 @@ class Fleet:
 
         proposer.propose = watched  # type: ignore[method-assign]
 
-    def generate(self, prompt_ids: list[int]) -> list[StepEvent]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams = GREEDY) -> list[StepEvent]:
         async def go() -> list[StepEvent]:
-            spec = RequestSpec(f"r-{uuid.uuid4().hex[:8]}", prompt_ids, SamplingParams(max_new_tokens=MAX_NEW))
+            spec = RequestSpec(f"r-{uuid.uuid4().hex[:8]}", prompt_ids, params)
             return [ev async for ev in self.router.generate(spec)]
         return asyncio.run(go())
 
@@ -230,7 +231,7 @@ def tokens_of(events: list[StepEvent]) -> list[int]:
 
 def embedded_rounds(engine: Any, ids: list[int]) -> tuple[list[int], list[int]]:
     """The embedded engine's tokens and its drafts verified per round, one request."""
-    seq_id = engine.add_request(ids, SamplingParams(max_new_tokens=MAX_NEW))
+    seq_id = engine.add_request(ids, GREEDY)
     drafted = []
     while engine.has_work:
         drafted.append(engine.step().drafted)
@@ -281,7 +282,7 @@ def test_a_gate_that_skips_never_calls_the_drafter_and_the_output_is_ar(make_fle
     for prompt in PROMPTS:
         ids = prompt_ids(fleet, prompt)
         events = fleet.generate(ids)
-        assert tokens_of(events) == ar.generate([ids], SamplingParams(max_new_tokens=MAX_NEW))[0].token_ids
+        assert tokens_of(events) == ar.generate([ids], GREEDY)[0].token_ids
         assert all(ev.drafted == 0 for ev in events)
     assert calls == []
     assert fleet.router.metrics.registry.get_sample_value(
@@ -295,9 +296,24 @@ def test_features_of_skipped_rounds_all_reach_the_drafter(make_fleet: Any, share
     _, ar, _ = build.build_engine(EngineSpec(model=MODEL, method="ar", max_seq_len=256), target=shared_target)
     ids = prompt_ids(fleet, PROMPTS[0])
     events = fleet.generate(ids)
-    assert tokens_of(events) == ar.generate([ids], SamplingParams(max_new_tokens=MAX_NEW))[0].token_ids
+    assert tokens_of(events) == ar.generate([ids], GREEDY)[0].token_ids
     assert [ev.drafted for ev in events[1:7]] == [0] * 6
     assert fleet.handed, "the drafter never drafted"
     have, need = fleet.handed[0]
     assert need == len(ids) + 6  # the prompt, the first token and 6 plain rounds' tokens, less the anchor
     assert all(have == need for have, need in fleet.handed), fleet.handed
+
+
+def test_log_probs_of_every_round_reach_the_client_as_embedded(make_fleet: Any, shared_target: Any) -> None:
+    """The target worker replies each round's tokens and their log-probs from the engine's
+    `RoundResult`s: the client gets one per token, as the embedded engine reports them."""
+    fleet = make_fleet("ngram", "fixed")
+    _, engine, _ = build.build_engine(fleet.spec, target=shared_target)
+    ids = prompt_ids(fleet, PROMPTS[1])
+    params = SamplingParams(max_new_tokens=MAX_NEW, logprobs=2)
+    events = fleet.generate(ids, params)
+    ref = engine.generate([ids], params)[0]
+    got = [lp for ev in events for lp in ev.logprobs]
+    assert [lp.token_id for lp in got] == tokens_of(events) == ref.token_ids
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
+    assert [[t for t, _ in lp.top] for lp in got] == [[t for t, _ in lp.top] for lp in ref.logprobs]
