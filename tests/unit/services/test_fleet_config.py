@@ -19,3 +19,9 @@ def test_feature_reading_drafter_needs_the_target(method):
 
 def test_shipped_fleet_yaml_is_valid():
     assert load_config("deploy/serve/fleet.yaml").method == "ngram"
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_draft_gate_reaches_the_engine_spec_of_every_pool(gate):
+    cfg = load_config("deploy/serve/fleet.yaml", verify_policy="confidence", draft_gate=gate)
+    assert all(cfg.engine_spec(pool).draft_gate is gate for pool in ("prefill", "target", "drafter"))
