@@ -64,6 +64,8 @@ class FleetConfig(_Strict):
     drafter_checkpoint: str | None = Field(None, description="DSpark/DFlash drafter checkpoint dir")
     verify_policy: str = Field("fixed", description="fixed | threshold | confidence (whole target batch)")
     confidence_threshold: float = Field(0.5, description="threshold policy's cut-off")
+    draft_gate: bool = Field(True, description="confidence policy: skip drafting while it costs more "
+                             "than it returns (the target's draft gate, as in `dspark generate`)")
     max_seq_len: int = Field(2048, ge=16, description="prompt + output tokens per request")
     max_new_tokens: int = Field(1024, ge=1, description="upper limit a request may ask for")
     default_max_new_tokens: int = Field(256, ge=1, description="when a request does not say")
@@ -113,7 +115,7 @@ class FleetConfig(_Strict):
                           compile=self.compile if p.compile is None else p.compile,
                           method=self.method, block_size=self.block_size, draft_model=self.draft_model,
                           drafter_checkpoint=self.drafter_checkpoint, verify_policy=self.verify_policy,
-                          confidence_threshold=self.confidence_threshold,
+                          confidence_threshold=self.confidence_threshold, draft_gate=self.draft_gate,
                           max_batch_size=p.max_batch_size, max_seq_len=self.max_seq_len)
 
     def pool_resources(self) -> dict[str, float]:

@@ -117,14 +117,19 @@ def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine
                           block_size=spec.block_size, verify_policy=spec.verify_policy,
                           confidence_threshold=spec.confidence_threshold)
     policy, sps = make_policy(spec, target)
-    gate = None
-    if spec.verify_policy == "confidence" and spec.draft_gate and sps is not None:
-        from dspark.spec.gate import DraftGate
-
-        gate = DraftGate(sps)
-    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps, gate=gate,
-                    tokenizer=target.tokenizer)
+    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps,
+                    gate=make_gate(spec, sps, method), tokenizer=target.tokenizer)
     return target, engine, method
+
+
+def make_gate(spec: EngineSpec, sps, method: str):  # -> DraftGate | None
+    """The draft gate, for the confidence policy of a speculative method only. The embedded
+    engine and a fleet target worker both build it here, so they gate alike."""
+    if spec.verify_policy != "confidence" or not spec.draft_gate or sps is None or method == "ar":
+        return None
+    from dspark.spec.gate import DraftGate
+
+    return DraftGate(sps)
 
 
 def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None

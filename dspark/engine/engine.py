@@ -26,6 +26,7 @@ from dspark.engine.sequence import (
     StreamCallback,
     finish_reason_of,
     stop_token_ids,
+    take_features,
 )
 from dspark.engine.stop import TextStream
 from dspark.errors import UserError
@@ -59,11 +60,25 @@ class StepStats:
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
     verify_tokens: int = 0  # target tokens in the verification forward (anchors + drafts)
-    proposed: bool = False  # the proposer ran this step (False: no proposer, or gated off)
+    proposed: bool = False  # a drafting pass made this step's drafts (False: no proposer, or gated off)
     prefill_s: float = 0.0
     propose_s: float = 0.0
     verify_s: float = 0.0
     step_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """One sequence's outcome of a round (`verify_round`); `StepStats` keeps the batch's.
+    The round's tapped features are not here: they join the sequence's `pending_features`
+    (the engine's own proposer may take them rounds later; a fleet target worker takes
+    them every round with `take_features`)."""
+
+    tokens: list[int]  # committed: accepted drafts + the target's token, cut at a stop / the length limit
+    drafted: int  # drafts verified (the policy may verify fewer than were proposed)
+    accepted: int
+    finish_reason: FinishReason | None  # set when this round finished the sequence
+    logprobs: list[TokenLogprob] | None  # one per token, when the request asks
 
 
 class Engine:
@@ -82,6 +97,9 @@ class Engine:
         self.policy = policy  # None = verify every draft (the `fixed` policy)
         self.sps = sps  # measured steps/s by verification batch size, for the confidence policy
         self.gate = gate  # None = draft every round
+        # Whether the next round drafts: the gate's decision, asked here for the first round
+        # and at the end of every round for the one after (`_gate_round`).
+        self.draft_next = gate is None or gate.should_draft()
         self.eos_token_ids = tuple(eos_token_ids)
         # Target layers to tap. A fleet target worker has no local proposer but taps for the
         # remote drafter, so the layers can be given explicitly.
@@ -191,26 +209,30 @@ class Engine:
 
     def _round(self, seqs: list[Sequence], stats: StepStats) -> None:
         t0 = time.perf_counter()
-        gated = self.gate is not None and self.proposer is not None
-        if gated and not self.gate.should_draft():
-            drafts = [Draft([]) for _ in seqs]  # a plain target step; features keep pending
-        else:
+        if self.draft_next:
             drafts = self._propose(seqs)
             stats.proposed = self.proposer is not None
+        else:
+            drafts = [Draft([]) for _ in seqs]  # gated off: a plain target step; features keep pending
         stats.propose_s = time.perf_counter() - t0
         self.verify_round(seqs, drafts, stats)
-        if gated and stats.proposed:
-            self.gate.observe(len(seqs), stats.emitted, stats.propose_s, stats.verify_tokens)
 
-    def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> None:
+    def verify_round(self, seqs: list[Sequence], drafts: list[Draft], stats: StepStats) -> list[RoundResult]:
         """The verify-and-commit half of a round, for drafts made anywhere (the local
         proposer, or a remote drafter worker in the fleet): apply the verification policy to
         the whole batch, score `[anchor, drafts...]` of every sequence in ONE forward, keep
-        each accepted prefix plus the target's token, roll the KV back past the rest."""
+        each accepted prefix plus the target's token, roll the KV back past the rest.
+
+        The caller says in `stats.proposed` / `stats.propose_s` whether a drafting pass made
+        the drafts and what it cost (`_round` measures its proposer; a fleet target worker
+        passes the router's measurement): the round ends with the draft gate's bookkeeping
+        (`_gate_round`), so the gate decides alike embedded and in the fleet. Returns each
+        sequence's `RoundResult`, in order."""
         t1 = time.perf_counter()
         lengths = self._schedule(seqs, drafts)
         inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
         out = self.runner.forward(inputs, self.taps)
+        results = []
         for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
             probs = draft.probs[:n] if draft.probs is not None else None
             # Penalties / logit bias first: drafts are judged by the processed target distribution.
@@ -221,7 +243,10 @@ class Engine:
             if out.taps is not None:
                 seq.pending_features.append(out.taps[b][: 1 + res.num_accepted])
             seq.record_round(n, res.num_accepted)
-            self._emit(seq, res.tokens, _logprobs(logits, res.tokens, seq))
+            logprobs = _logprobs(logits, res.tokens, seq)
+            tokens = self._emit(seq, res.tokens, logprobs)
+            results.append(RoundResult(tokens, n, res.num_accepted, seq.finish_reason,
+                                       None if logprobs is None else logprobs[: len(tokens)]))
             stats.drafted += n
             stats.accepted += res.num_accepted
             stats.emitted += len(res.tokens)
@@ -230,16 +255,28 @@ class Engine:
         stats.num_seqs = len(seqs)
         stats.verify_tokens = sum(len(i.tokens) for i in inputs)
         stats.verify_s = time.perf_counter() - t1
+        self._gate_round(stats)
+        return results
+
+    def _gate_round(self, stats: StepStats) -> None:
+        """The draft gate after a round: a drafted round's payoff is observed, then the gate
+        decides whether the NEXT round drafts (`draft_next`). Decided at the end of a round,
+        not the start of the next, so a fleet target worker can hand the decision back with
+        its verify replies (one verify batch = one engine step) and the router skips the
+        drafter call itself."""
+        if self.gate is None:
+            return
+        if stats.proposed:
+            self.gate.observe(stats.num_seqs, stats.emitted, stats.propose_s, stats.verify_tokens)
+        self.draft_next = self.gate.should_draft()
 
     def _propose(self, seqs: list[Sequence]) -> list[Draft]:
         if self.proposer is None or self.config.block_size == 0:
             return [Draft([]) for _ in seqs]
         requests = []
         for seq in seqs:
-            feats = torch.cat(seq.pending_features) if seq.pending_features else None
-            seq.pending_features.clear()
             requests.append(DraftRequest(seq.seq_id, seq.token_ids, self.max_drafts(seq), seq.params,
-                                         feats, seq.generator))
+                                         take_features(seq.pending_features), seq.generator))
         return self.proposer.propose(requests)
 
     def max_drafts(self, seq: Sequence) -> int:
@@ -255,7 +292,9 @@ class Engine:
         confidences = [None if d.confidences is None else d.confidences[:n] for d, n in zip(drafts, lengths)]
         return [min(a, b) for a, b in zip(self.policy(confidences, lengths, self.sps), lengths)]
 
-    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Commit `tokens` (with their log-probs) up to a stop or the length limit, set the
+        finish reason, stream them; returns the tokens committed."""
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter()
         tokens = tokens[: seq.params.max_new_tokens - len(seq.output_ids)]
@@ -276,6 +315,7 @@ class Engine:
                 seq.text.flush()
         if seq.on_tokens is not None:
             seq.on_tokens(seq.seq_id, tokens, seq.finished)
+        return tokens
 
     def _reap(self) -> None:
         keep = []

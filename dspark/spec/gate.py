@@ -13,8 +13,8 @@ after every drafted round,
 their ratio, and while it is below 1 runs plain rounds for 1, 2, 4, ... up to `max_skip`
 steps before probing the drafter again. Skipped rounds stay lossless: a round without
 drafts is an ordinary target step, and the choice depends only on past rounds. Features of
-the skipped positions wait in each sequence's pending list, so the next drafted round hands
-the drafter everything it missed.
+the skipped positions wait in each sequence's pending list (in the fleet, the router's list
+for the request), so the next drafted round hands the drafter everything it missed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class DraftGate:
     skipped_rounds: int = 0
 
     def should_draft(self) -> bool:
-        """Called once per step before proposing; False = run this step without drafts."""
+        """Whether the next round drafts (the engine asks once for its first round, then at
+        the end of every round); False = run that round without drafts."""
         if self.skip_left > 0:
             self.skip_left -= 1
             self.skipped_rounds += 1

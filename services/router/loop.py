@@ -3,6 +3,7 @@
     register in Redis -> prefill (KV to the target, features to the drafter) -> first token
     repeat: drafter.propose -> target.verify (batched, library verify+commit)
             -> append committed tokens to the Redis token log -> stream them
+            (a round the target's draft gate skips verifies an empty draft, no drafter call)
     finish: free the target's KV slot and the drafter's state, record usage
 
 The token log is the source of truth: a token is streamed only after it is in the log,
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import ray.exceptions
 
-from dspark.engine.sequence import finish_reason_of, stop_token_ids
+from dspark.engine.sequence import finish_reason_of, stop_token_ids, take_features
 from dspark.engine.stop import TextStream
 from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
@@ -103,7 +104,10 @@ class _Job:
     drafter: str = ""
     drafter_info: WorkerInfo | None = None
     max_drafts: int = 0
-    features: Any = None  # tapped target features not yet handed to the drafter
+    draft_next: bool = True  # the target's draft gate: whether the next round drafts
+    # Tapped target features of committed positions not yet handed to the drafter: every
+    # verify adds its positions', the next drafted round takes them all.
+    features: list[Any] = dataclasses.field(default_factory=list)
     avoid: set[str] = dataclasses.field(default_factory=set)
     num_forwards: int = 0
     finish_reason: str | None = None
@@ -364,7 +368,8 @@ class Router:
             if layers or not _recoverable(results[2]):
                 raise results[2]
             self._drop_drafter(job, results[2])
-        pres, job.max_drafts = results[0], self._cap(job, results[1])
+        pres, received = results[0], results[1]
+        job.max_drafts, job.draft_next = self._cap(job, received.max_drafts), received.draft_next
         self.metrics.observe_prefill(time.perf_counter() - t0)
         self.metrics.observe_kv_transfer(pres.kv_bytes, pres.transfer_s)
         self.metrics.count_tokens("prefill", len(tokens), 0 if committed else 1)
@@ -410,7 +415,7 @@ class Router:
             self.pools.load[job.drafter] -= 1
             job.avoid = {job.drafter}
             self._spawn(self.release_quietly(job.drafter, job.spec.request_id))
-        job.drafter, job.features = "", None
+        job.drafter, job.features = "", []
         job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
 
     def _maybe_attach_drafter(self, job: _Job) -> None:
@@ -462,38 +467,43 @@ class Router:
             await self._recover(job)
         raise AssertionError("unreachable")
 
-    async def _propose(self, job: _Job) -> Draft:
-        """The drafter's proposal, or an empty draft (plain decoding) when there is none."""
+    async def _propose(self, job: _Job) -> Draft | None:
+        """The drafter's proposal; None when the round runs without one (plain decoding):
+        no drafter, no room for drafts, or the target's draft gate skips the round (a gated
+        round is no fallback: the drafter is there, and its features keep accumulating)."""
         speculating = self.cfg.method != "ar" and self.cfg.block_size > 0
         if not job.drafter and speculating:
             self._maybe_attach_drafter(job)
         info = job.drafter_info
-        if job.drafter and info is not None and info.has_proposer and job.max_drafts > 0:
+        if job.drafter and info is not None and info.has_proposer and job.max_drafts > 0 and job.draft_next:
             try:
-                draft = await asyncio.wait_for(self._client(job.drafter).draft(ProposeCall(
-                    job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts, job.features)),
-                    self.cfg.drafter_timeout_s)
-                job.features = None
-                return draft
+                return await asyncio.wait_for(self._client(job.drafter).draft(ProposeCall(
+                    job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts,
+                    take_features(job.features))), self.cfg.drafter_timeout_s)
             except Exception as e:
                 if not _recoverable(e):
                     raise
                 self._drop_drafter(job, e)
         if not job.drafter and speculating:
             self.metrics.observe_fallback(1)
-        return Draft([])
+        return None
 
     async def _draft_and_verify(self, job: _Job) -> VerifyReply:
         t0 = time.perf_counter()
         draft = await self._propose(job)
         t1 = time.perf_counter()
+        # The drafter's time goes with the call: the target's draft gate weighs it as the
+        # embedded engine weighs its proposer's.
+        call = VerifyCall(job.spec.request_id, Draft([]) if draft is None else draft,
+                          None if draft is None else t1 - t0)
         try:
-            reply = await self._client(job.target).verify(VerifyCall(job.spec.request_id, draft))
+            reply = await self._client(job.target).verify(call)
         except Exception:
             job.avoid = {job.target}
             raise
-        job.max_drafts = self._cap(job, reply.max_drafts)
-        job.features = reply.features if job.drafter else None
+        job.max_drafts, job.draft_next = self._cap(job, reply.max_drafts), reply.draft_next
+        if job.drafter and reply.features is not None:
+            job.features.append(reply.features)
         self.metrics.observe_step({
             "drafted": reply.drafted, "accepted": reply.accepted,
             "accepted_per_position": [1] * reply.accepted + [0] * (reply.drafted - reply.accepted),
@@ -512,7 +522,7 @@ class Router:
         await self._release_workers(job)
         # The log, not local memory, says what the client has been sent.
         job.committed = await self.call_state(self.state.read_tokens, job.spec.request_id)
-        job.features = None
+        job.features = []
         await self._set_prefilling(job.spec.request_id)
         await self._admit_until_deadline(job)
         await self.call_state(self.state.set_status, job.spec.request_id, RequestStatus.RUNNING)

@@ -28,6 +28,7 @@ from services.workers.messages import (
     PrefillResult,
     ProposeCall,
     ReceiveCall,
+    ReceiveReply,
     StartCall,
     VerifyCall,
     VerifyReply,
@@ -46,8 +47,8 @@ class WorkerClient(Protocol):
 
     async def prefill(self, call: PrefillCall) -> PrefillResult: ...
 
-    async def receive(self, call: ReceiveCall) -> int:
-        """Drafts the first step may use."""
+    async def receive(self, call: ReceiveCall) -> ReceiveReply:
+        """Drafts the first step may use, and whether it drafts."""
 
     async def start(self, call: StartCall) -> None: ...
 
@@ -76,7 +77,7 @@ class _Client:
         return await self._invoke("prefill", call.request_id, call.token_ids, call.params, call.target_peer,
                                   call.drafter_peer, call.feature_layers)
 
-    async def receive(self, call: ReceiveCall) -> int:
+    async def receive(self, call: ReceiveCall) -> ReceiveReply:
         return await self._invoke("receive", call.request_id, call.prefill_peer, call.prompt_ids, call.params,
                                   call.committed, call.feature_layers)
 

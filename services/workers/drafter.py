@@ -12,6 +12,7 @@ import torch
 from ray import serve
 
 from dspark.engine.build import load_target, make_proposer, resolve_method
+from dspark.engine.sequence import take_features
 from dspark.spec.proposer import Draft, DraftRequest
 from dspark.spec.sampling import SamplingParams, make_generator
 from services.config import FleetConfig
@@ -86,10 +87,10 @@ class DrafterWorker:
             requests = []
             for c in live:
                 req = self.requests[c.request_id]
-                feats = req.pending_features + ([c.new_features] if c.new_features is not None else [])
-                req.pending_features = []
+                if c.new_features is not None:
+                    req.pending_features.append(c.new_features)
                 requests.append(DraftRequest(req.seq_id, c.token_ids, c.max_tokens, req.params,
-                                             torch.cat(feats) if feats else None, req.generator))
+                                             take_features(req.pending_features), req.generator))
             if self.proposer is None:
                 drafts = [Draft([]) for _ in requests]
             else:

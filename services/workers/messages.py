@@ -65,6 +65,12 @@ class ReceiveCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReceiveReply:
+    max_drafts: int  # drafts the first step can use
+    draft_next: bool = True  # the target's draft gate: whether the first step drafts
+
+
+@dataclasses.dataclass(frozen=True)
 class StartCall:
     """Drafter worker: begin drafting for a request; with `prefill_peer`, first receive the
     prompt's tapped features from that prefill worker."""
@@ -86,6 +92,7 @@ class ProposeCall:
 class VerifyCall:
     request_id: str
     draft: Draft
+    propose_s: float | None = None  # the drafter call's time, as the router measured it; None: not called
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +107,4 @@ class VerifyReply:
     features: torch.Tensor | None  # tapped features of the newly committed positions
     verify_s: float
     logprobs: list[TokenLogprob] | None = None  # one per token (target's), when the request asks
+    draft_next: bool = True  # the target's draft gate: whether the next step drafts (False: skip the drafter)

@@ -12,6 +12,7 @@ import torch
 
 from dspark.engine.build import load_target
 from dspark.engine.engine import Engine, EngineConfig, StepStats
+from dspark.engine.sequence import take_features
 from dspark.kv.handshake import KVSpec
 from dspark.kv.transport import TransferMeta
 from dspark.spec.sampling import SamplingParams
@@ -61,7 +62,7 @@ class PrefillWorker:
                 self.transport.send_kv(target_peer, self.engine.cache.export_layers(seq.slot), meta,
                                        [torch.tensor([first], dtype=torch.int64)])
                 if drafter_peer is not None and seq.pending_features:
-                    self.transport.send_tensors(drafter_peer, request_id, [torch.cat(seq.pending_features)])
+                    self.transport.send_tensors(drafter_peer, request_id, [take_features(seq.pending_features)])
                 t2 = time.perf_counter()
             finally:
                 self.engine.cache.free(seq.slot)

@@ -2,24 +2,25 @@
 
 Concurrent `verify` calls from many requests are batched by Serve into ONE target forward:
 the engine's own `verify_round` applies the verification policy to the whole batch, checks
-every draft and commits (rolls the KV back past rejected drafts)."""
+every draft and commits (rolls the KV back past rejected drafts). One verify batch is one
+engine step, so the engine's draft gate (confidence policy) observes it and decides whether
+the next step drafts; every reply carries that decision to its router."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-import torch
 from ray import serve
 
-from dspark.engine.build import load_target, make_policy
+from dspark.engine.build import load_target, make_gate, make_policy, resolve_method
 from dspark.engine.engine import Engine, EngineConfig, StepStats
-from dspark.engine.sequence import Sequence
+from dspark.engine.sequence import Sequence, take_features
 from dspark.kv.handshake import KVSpec
 from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
 from services.workers.base import make_transport, new_peer_id, setup_process
-from services.workers.messages import StateLost, VerifyCall, VerifyReply, WorkerInfo
+from services.workers.messages import ReceiveReply, StateLost, VerifyCall, VerifyReply, WorkerInfo
 
 
 class TargetWorker:
@@ -33,7 +34,7 @@ class TargetWorker:
                              EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                                           block_size=spec.block_size, verify_policy=spec.verify_policy,
                                           confidence_threshold=spec.confidence_threshold),
-                             policy, sps, feature_layers=())
+                             policy, sps, feature_layers=(), gate=make_gate(spec, sps, resolve_method(spec)))
         self.kv_spec = KVSpec.of_cache(self.engine.cache, self.cfg.model)
         self.deployment, self.peer_id = deployment, new_peer_id(deployment)
         self.transport = make_transport(self.cfg, self.peer_id)
@@ -54,15 +55,16 @@ class TargetWorker:
     # -- admission: KV from a prefill worker ----------------------------------------------
     async def receive(self, request_id: str, prefill_peer: str, prompt_ids: list[int],
                       params: SamplingParams, committed: list[int] | None = None,
-                      feature_layers: tuple[int, ...] = ()) -> int:
+                      feature_layers: tuple[int, ...] = ()) -> ReceiveReply:
         """Import the KV of `prompt_ids` (+ `committed[:-1]` when re-prefilling after a
-        failover) streamed by `prefill_peer`; returns how many drafts the first step can use."""
+        failover) streamed by `prefill_peer`; replies how many drafts the first step can use
+        and whether it drafts (the gate's decision for this engine's next step)."""
         return await asyncio.to_thread(self._receive, request_id, prefill_peer, prompt_ids, params,
                                        committed, feature_layers)
 
     def _receive(self, request_id: str, prefill_peer: str, prompt_ids: list[int],
                  params: SamplingParams, committed: list[int] | None,
-                 feature_layers: tuple[int, ...]) -> int:
+                 feature_layers: tuple[int, ...]) -> ReceiveReply:
         with self._lock:
             self._free(request_id)  # a retried admission replaces the old state
             self.engine.taps = tuple(feature_layers)
@@ -84,7 +86,7 @@ class TargetWorker:
             # KV invariant: the cache holds every committed token but the last (the anchor).
             seq.output_ids = list(committed) if committed else [first]
             self.seqs[request_id] = seq
-            return self.engine.max_drafts(seq)
+            return ReceiveReply(self.engine.max_drafts(seq), self.engine.draft_next)
 
     # -- one speculative step ---------------------------------------------------------------
     async def verify(self, call: VerifyCall) -> VerifyReply:
@@ -101,22 +103,19 @@ class TargetWorker:
         with self._lock:
             live = [c for c in calls if c.request_id in self.seqs]
             seqs = [self.seqs[c.request_id] for c in live]
-            before = [(len(s.output_ids), s.num_drafted, s.num_accepted) for s in seqs]
-            stats = StepStats()
-            if seqs:
-                self.engine.verify_round(seqs, [c.draft for c in live], stats)
+            # The step drafted if the router called the drafter for any of its requests; the
+            # drafter batches concurrent calls into one pass, so the slowest call is its cost.
+            costs = [c.propose_s for c in live if c.propose_s is not None]
+            stats = StepStats(proposed=bool(costs), propose_s=max(costs, default=0.0))
+            results = self.engine.verify_round(seqs, [c.draft for c in live], stats) if seqs else []
             replies: dict[str, VerifyReply] = {}
-            for seq, call, (n_out, n_drafted, n_acc) in zip(seqs, live, before, strict=True):
-                features = torch.cat(seq.pending_features) if seq.pending_features else None
-                seq.pending_features.clear()
-                drafted = seq.num_drafted - n_drafted
+            for seq, call, r in zip(seqs, live, results, strict=True):
                 replies[call.request_id] = VerifyReply(
-                    tokens=seq.output_ids[n_out:], drafted=drafted, accepted=seq.num_accepted - n_acc,
-                    verify_tokens=1 + drafted, batch_size=len(seqs),
-                    max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
-                    finish_reason=seq.finish_reason.value if seq.finished else None,
-                    features=features, verify_s=stats.verify_s,
-                    logprobs=_new_logprobs(seq, len(seq.output_ids) - n_out))
+                    tokens=r.tokens, drafted=r.drafted, accepted=r.accepted, verify_tokens=1 + r.drafted,
+                    batch_size=len(seqs), max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
+                    finish_reason=None if r.finish_reason is None else r.finish_reason.value,
+                    features=take_features(seq.pending_features), verify_s=stats.verify_s, logprobs=r.logprobs,
+                    draft_next=self.engine.draft_next)
         return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
                                                        f"{c.request_id}") for c in calls]
 
@@ -131,9 +130,3 @@ class TargetWorker:
             self.engine.cache.free(seq.slot)
         return seq is not None
 
-
-def _new_logprobs(seq: Sequence, num_new: int) -> list | None:
-    """Log-probs of the last `num_new` tokens (the sequence holds none for the prefill's first)."""
-    if seq.params.logprobs is None:
-        return None
-    return seq.logprobs[len(seq.logprobs) - num_new:] if num_new else []

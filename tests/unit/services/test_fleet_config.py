@@ -47,3 +47,9 @@ def test_fleet_dtype_is_one_of_the_cli_choices():
         assert load_config(None, dtype=dtype).dtype == dtype
     with pytest.raises(UserError, match="dtype"):
         load_config(None, dtype="float16")
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_draft_gate_reaches_the_engine_spec_of_every_pool(gate):
+    cfg = load_config("deploy/serve/fleet.yaml", verify_policy="confidence", draft_gate=gate)
+    assert all(cfg.engine_spec(pool).draft_gate is gate for pool in ("prefill", "target", "drafter"))

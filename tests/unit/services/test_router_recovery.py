@@ -36,6 +36,7 @@ from services.workers.messages import (
     PrefillResult,
     ProposeCall,
     ReceiveCall,
+    ReceiveReply,
     StartCall,
     StateLost,
     VerifyCall,
@@ -122,12 +123,12 @@ class Target(Scripted):
     def kill(self) -> None:
         self.dead, self.held = True, {}
 
-    async def receive(self, call: ReceiveCall) -> int:
+    async def receive(self, call: ReceiveCall) -> ReceiveReply:
         self.enter("receive")
         self.received.append(call)
         output = list(call.committed) if call.committed else [next_token(call.prompt_ids)]
         self.held[call.request_id] = (list(call.prompt_ids), output, call.params)
-        return K
+        return ReceiveReply(K)
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
         self.enter("verify")
