@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import ray.exceptions
 
-from dspark.engine.sequence import finish_reason_of, stop_token_ids, take_features
+from dspark.engine.sequence import finish_reason_of, stop_token_ids
 from dspark.engine.stop import TextStream
 from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
@@ -42,6 +42,7 @@ from services.config import FleetConfig
 from services.metrics import FleetMetrics
 from services.router.errors import RouterError
 from services.router.pools import WorkerPools
+from services.router.request import DrafterState, Request
 from services.router.validate import RequestSpec, params_from_json, params_to_json
 from services.state.redis_state import (
     FleetState,
@@ -53,7 +54,6 @@ from services.state.redis_state import (
 from services.workers.client import WorkerClient
 from services.workers.messages import (
     PrefillCall,
-    PrefillResult,
     ProposeCall,
     ReceiveCall,
     StartCall,
@@ -92,27 +92,6 @@ class StepEvent:
         # First token comes from prefill; every later one from a target forward (tau).
         steps = self.num_target_forwards
         return (self.completion_tokens - 1) / steps if steps else 0.0
-
-
-@dataclasses.dataclass
-class _Job:
-    spec: RequestSpec
-    text: TextStream  # committed tokens -> client text, cut at the first stop string
-    committed: list[int] = dataclasses.field(default_factory=list)
-    first: PrefillResult | None = None  # the prefill's answer, until its token is committed
-    target: str = ""
-    drafter: str = ""
-    drafter_info: WorkerInfo | None = None
-    max_drafts: int = 0
-    draft_next: bool = True  # the target's draft gate: whether the next round drafts
-    # Tapped target features of committed positions not yet handed to the drafter: every
-    # verify adds its positions', the next drafted round takes them all.
-    features: list[Any] = dataclasses.field(default_factory=list)
-    avoid: set[str] = dataclasses.field(default_factory=set)
-    num_forwards: int = 0
-    finish_reason: str | None = None
-    drafter_retry_at: float = 0.0  # fallback: monotonic time of the next attach attempt
-    attach: asyncio.Task | None = None  # background attach of a replacement drafter
 
 
 class Router:
@@ -178,8 +157,8 @@ class Router:
         self.num_takeovers += 1
         self.metrics.observe_recovery(takeover=True)
         await self.release_everywhere(spec.request_id)
-        job = _Job(spec, self.text_stream(spec.params), committed=list(committed))
-        async with contextlib.aclosing(self._counted(self._drive(job, time.perf_counter()))) as events:
+        req = Request(spec, self.text_stream(spec.params), committed)
+        async with contextlib.aclosing(self._counted(self._drive(req, time.perf_counter()))) as events:
             async for event in events:
                 yield event
 
@@ -237,123 +216,132 @@ class Router:
             await self.call_state(self.state.register, spec.request_id, self._meta(spec))
         except StateConflict:
             raise RouterError("ALREADY_EXISTS", f"request {spec.request_id} already exists") from None
-        async with contextlib.aclosing(self._drive(_Job(spec, self.text_stream(spec.params)), t0)) as events:
+        async with contextlib.aclosing(self._drive(Request(spec, self.text_stream(spec.params)), t0)) as events:
             async for event in events:
                 yield event
 
-    async def _drive(self, job: _Job, t0: float) -> AsyncIterator[StepEvent]:
+    async def _drive(self, req: Request, t0: float) -> AsyncIterator[StepEvent]:
         """Admission (or re-admission from the log), then speculative steps until done."""
-        spec = job.spec
+        spec = req.spec
         stamps: list[float] = []
-        status, reason = RequestStatus.FAILED, "error"
         try:
-            if not job.committed:
-                await self._set_prefilling(spec.request_id)
-                await self._admit_until_deadline(job)
-                await self.call_state(self.state.set_status, spec.request_id, RequestStatus.RUNNING)
-                pres, job.first = job.first, None
+            if not req.committed:
+                await self._publish(req)  # PREFILLING
+                await self._admit_until_deadline(req)
+                await self._publish(req)  # RUNNING
+                pres = req.first
                 assert pres is not None
-                ev = self._commit(job, [pres.first_token], pres.finish_reason, pres.logprobs)
+                ev = self._commit(req, [pres.first_token], pres.finish_reason, pres.logprobs)
                 await self.call_state(self.state.append_tokens, spec.request_id, 0, ev.token_ids)
-                job.committed = list(ev.token_ids)
+                req.first_token_committed(ev.token_ids, ev.finish_reason)
                 stamps.append(time.perf_counter())
-                yield self._finish_event(job, ev)
+                yield self._finish_event(req, ev)
             else:  # continuing from the log: the client already has (or replays) those tokens
-                job.finish_reason = self._finished_by_log(job)
-                if job.finish_reason is None:
-                    await self._recover(job)
+                reason = self._finished_by_log(req)
+                if reason is None:
+                    req.taken_over()
+                    await self._recover(req)
                 else:
-                    yield self._finish_event(job, StepEvent(spec.request_id, len(job.committed), [],
-                                                            job.text.flush()))
-            while job.finish_reason is None:
-                offset = len(job.committed)
-                reply = await self._step(job)
-                ev = self._commit(job, reply.tokens, reply.finish_reason, reply.logprobs)
+                    req.log_ended(reason)
+                    yield self._finish_event(req, StepEvent(spec.request_id, len(req.committed), [],
+                                                            req.text.flush()))
+            while req.generating:
+                offset = len(req.committed)
+                reply = await self._step(req)
+                ev = self._commit(req, reply.tokens, reply.finish_reason, reply.logprobs)
                 ev.drafted, ev.accepted, ev.verify_tokens = reply.drafted, reply.accepted, reply.verify_tokens
                 await self.call_state(self.state.append_tokens, spec.request_id, offset, ev.token_ids)
-                job.committed += ev.token_ids
-                job.num_forwards += 1
+                req.step_committed(ev.token_ids, ev.finish_reason)
                 stamps.append(time.perf_counter())
-                yield self._finish_event(job, ev)
-            status, reason = RequestStatus.FINISHED, job.finish_reason
+                yield self._finish_event(req, ev)
+            req.finished()
         except (asyncio.CancelledError, GeneratorExit):
-            status, reason = RequestStatus.CANCELLED, "abort"
+            req.cancelled()
             self.metrics.observe_error("CANCELLED")
             raise
         except RouterError as e:
+            req.failed()
             self.metrics.observe_error(e.code)
             raise
         except UnknownRequest:  # its registry entry vanished: Redis restarted without its data
+            req.failed()
             self.metrics.observe_error("UNAVAILABLE")
             raise RouterError("UNAVAILABLE", f"the state of request {spec.request_id} was lost "
                               "(state store restarted); retry the request") from None
         except Exception as e:
+            req.failed()
             log.exception("request %s failed", spec.request_id)
             self.metrics.observe_error("INTERNAL")
             raise RouterError("INTERNAL", f"request failed: {type(e).__name__}: {e}") from e
         finally:
             # Shielded: a cancelled stream must still free the KV slot and drafter state.
-            await asyncio.shield(self._release(job, status, reason))
+            status, reason = req.outcome()
+            await asyncio.shield(self._release(req, status, reason))
             gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             self.metrics.observe_request(stamps[0] - t0 if stamps else None, gaps,
                                          time.perf_counter() - t0, 0.0, reason)
 
-    def _finished_by_log(self, job: _Job) -> str | None:
+    def _finished_by_log(self, req: Request) -> str | None:
         """The engine's stop rules applied to the log (a router may die after logging the
         last token but before recording the finish); also primes the text stream."""
-        p = job.spec.params
-        if job.text.push(job.committed).stopped:
+        p = req.spec.params
+        if req.text.push(req.committed).stopped:
             return "stop"
-        reason = finish_reason_of(job.committed, stop_token_ids(p, self.eos_token_ids), p.max_new_tokens)
+        reason = finish_reason_of(req.committed, stop_token_ids(p, self.eos_token_ids), p.max_new_tokens)
         return None if reason is None else reason.value
 
-    async def _set_prefilling(self, request_id: str) -> None:
+    async def _publish(self, req: Request) -> None:
+        """Record the request's phase in the registry (`Phase.status`)."""
+        status = req.phase.status
         try:
-            await self.call_state(self.state.set_status, request_id, RequestStatus.PREFILLING)
+            await self.call_state(self.state.set_status, req.request_id, status)
         except StateConflict:  # already PREFILLING: a request taken over mid-admission
-            pass
+            if status is not RequestStatus.PREFILLING:
+                raise
 
-    def _commit(self, job: _Job, tokens: list[int], finish_reason: str | None,
+    def _commit(self, req: Request, tokens: list[int], finish_reason: str | None,
                 logprobs: list[TokenLogprob] | None) -> StepEvent:
         """A step's tokens as the client sees them: through the library's stop-string check
         (tokens a speculative round accepted past a stop string are dropped, never logged),
-        with their text and log-probs. Sets the job's finish reason."""
-        delta = job.text.push(tokens)
+        with their text and log-probs. The event's finish reason ends the output once the
+        tokens are logged (`Request.*_committed`)."""
+        delta = req.text.push(tokens)
         tokens = list(tokens[: delta.num_tokens])
-        job.finish_reason = "stop" if delta.stopped else finish_reason
-        text = delta.text + (job.text.flush() if job.finish_reason else "")
-        return StepEvent(job.spec.request_id, len(job.committed), tokens, text,
+        finish_reason = "stop" if delta.stopped else finish_reason
+        text = delta.text + (req.text.flush() if finish_reason else "")
+        return StepEvent(req.request_id, len(req.committed), tokens, text, finish_reason=finish_reason,
                          logprobs=None if logprobs is None else list(logprobs[: len(tokens)]))
 
-    def _finish_event(self, job: _Job, ev: StepEvent) -> StepEvent:
-        if job.finish_reason:
-            ev.finish_reason = job.finish_reason
-            ev.num_target_forwards = job.num_forwards
-            ev.prompt_tokens, ev.completion_tokens = len(job.spec.prompt_ids), len(job.committed)
+    def _finish_event(self, req: Request, ev: StepEvent) -> StepEvent:
+        """The last event of a request carries its totals."""
+        if req.finish_reason:
+            ev.finish_reason = req.finish_reason
+            ev.num_target_forwards = req.num_forwards
+            ev.prompt_tokens, ev.completion_tokens = len(req.spec.prompt_ids), len(req.committed)
         return ev
 
     # -- admission and failover ------------------------------------------------------------------
-    async def _admit(self, job: _Job) -> None:
+    async def _admit(self, req: Request) -> None:
         """Prefill on a prefill replica, KV to a target replica, features to a drafter
         replica. With committed tokens (failover) the prefill covers prompt + committed[:-1]
         and the target resumes with the logged tokens; otherwise the prefill's first token
         starts the output. A drafter that does not answer leaves the request drafter-less
         (plain decoding) unless the prefill must stream features to it."""
-        spec, committed = job.spec, list(job.committed)
+        spec, committed = req.spec, list(req.committed)
         prefill = self.pools.pick("prefill")
-        job.target = self.pools.pick("target", job.avoid)
-        self.pools.load[job.target] += 1
-        pinfo, tinfo = await asyncio.gather(self._client(prefill).health(), self._client(job.target).health())
-        dinfo = await self._drafter_info(job)
+        req.target_placed(self.pools.pick("target", req.avoid))
+        self.pools.load[req.target] += 1
+        pinfo, tinfo = await asyncio.gather(self._client(prefill).health(), self._client(req.target).health())
+        dinfo = await self._drafter_info(req)
         layers = dinfo.feature_layers if dinfo is not None else ()
         tokens = spec.prompt_ids + committed[:-1]
         params = spec.worker_params
         calls = [self._client(prefill).prefill(PrefillCall(spec.request_id, tokens, params, tinfo.peer_id,
                                                            dinfo.peer_id if layers else None, layers)),
-                 self._client(job.target).receive(ReceiveCall(spec.request_id, pinfo.peer_id, spec.prompt_ids,
+                 self._client(req.target).receive(ReceiveCall(spec.request_id, pinfo.peer_id, spec.prompt_ids,
                                                               params, committed or None, layers))]
         if dinfo is not None:
-            start = self._client(job.drafter).start(StartCall(spec.request_id, spec.prompt_ids, params,
+            start = self._client(req.drafter).start(StartCall(spec.request_id, spec.prompt_ids, params,
                                                               pinfo.peer_id if layers else None))
             # A feature-reading drafter must take the prefill's stream: no timeout of our own.
             calls.append(start if layers else asyncio.wait_for(start, self.cfg.drafter_timeout_s))
@@ -367,143 +355,137 @@ class Router:
         if len(results) > 2 and isinstance(results[2], BaseException):
             if layers or not _recoverable(results[2]):
                 raise results[2]
-            self._drop_drafter(job, results[2])
+            self._drop_drafter(req, results[2])
         pres, received = results[0], results[1]
-        job.max_drafts, job.draft_next = self._cap(job, received.max_drafts), received.draft_next
+        req.target_ready(received.max_drafts, received.draft_next)
         self.metrics.observe_prefill(time.perf_counter() - t0)
         self.metrics.observe_kv_transfer(pres.kv_bytes, pres.transfer_s)
         self.metrics.count_tokens("prefill", len(tokens), 0 if committed else 1)
         if not committed:
-            job.first = pres  # committed by _drive, through the stop-string check
+            req.prefilled(pres)  # its token is committed by _drive, through the stop-string check
 
-    async def _admit_until_deadline(self, job: _Job) -> None:
+    async def _admit_until_deadline(self, req: Request) -> None:
         """`_admit`, retried while replicas die or restart (e.g. a prefill replica killed
         mid-transfer), until `recovery_timeout_s`."""
         deadline = time.monotonic() + self.cfg.recovery_timeout_s
         while True:
             try:
-                await self._admit(job)
+                await self._admit(req)
                 return
             except Exception as e:
                 if not _recoverable(e) or time.monotonic() > deadline:
                     raise
-                log.info("request %s: admission failed (%s: %s); retrying", job.spec.request_id,
+                log.info("request %s: admission failed (%s: %s); retrying", req.request_id,
                          type(e).__name__, e)
-            await self._release_workers(job)
+            await self._release_workers(req)
             await asyncio.sleep(0.5)
 
     # -- the drafter: optional, by design ------------------------------------------------------
-    async def _drafter_info(self, job: _Job) -> WorkerInfo | None:
-        job.drafter = self.pools.pick("drafter", job.avoid)
-        self.pools.load[job.drafter] += 1
+    async def _drafter_info(self, req: Request) -> WorkerInfo | None:
+        req.drafter_placed(self.pools.pick("drafter", req.avoid))
+        self.pools.load[req.drafter] += 1
         try:
-            job.drafter_info = await asyncio.wait_for(self._client(job.drafter).health(),
-                                                      self.cfg.drafter_timeout_s)
+            info = await asyncio.wait_for(self._client(req.drafter).health(), self.cfg.drafter_timeout_s)
         except Exception as e:
             if not _recoverable(e):
                 raise
-            self._drop_drafter(job, e)
+            self._drop_drafter(req, e)
             return None
-        return job.drafter_info
+        req.drafter_answered(info)
+        return info
 
-    def _drop_drafter(self, job: _Job, error: BaseException) -> None:
+    def _drop_drafter(self, req: Request, error: BaseException) -> None:
         """Continue without a drafter (plain decoding); its state is freed in the background
         so a dead replica cannot stall the request."""
         log.warning("request %s: drafter %s failed (%s: %s); continuing without drafts",
-                    job.spec.request_id, job.drafter, type(error).__name__, error)
-        if job.drafter:
-            self.pools.load[job.drafter] -= 1
-            job.avoid = {job.drafter}
-            self._spawn(self.release_quietly(job.drafter, job.spec.request_id))
-        job.drafter, job.features = "", []
-        job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
+                    req.request_id, req.drafter, type(error).__name__, error)
+        name = req.drafter_lost(time.monotonic() + DRAFTER_RETRY_S)
+        self.pools.load[name] -= 1
+        self._spawn(self.release_quietly(name, req.request_id))
 
-    def _maybe_attach_drafter(self, job: _Job) -> None:
+    def _maybe_attach_drafter(self, req: Request) -> None:
         """In fallback, try a drafter again now and then. Only drafters that read token ids
         alone can join mid-request; one that reads target features would need the whole
         context's features (a re-prefill) and stays off for this request."""
-        if job.drafter or job.attach is not None or time.monotonic() < job.drafter_retry_at:
+        if req.drafter_state is not DrafterState.FALLBACK or req.attach is not None \
+                or time.monotonic() < req.retry_at:
             return
-        if job.drafter_info is not None and job.drafter_info.feature_layers:
+        if req.drafter_info is not None and req.drafter_info.feature_layers:
             return
-        job.attach = asyncio.ensure_future(self._attach_drafter(job))
+        req.attach_started(asyncio.ensure_future(self._attach_drafter(req)))
 
-    async def _attach_drafter(self, job: _Job) -> None:
-        name = self.pools.pick("drafter", job.avoid)
-        spec, started = job.spec, False
+    async def _attach_drafter(self, req: Request) -> None:
+        name = self.pools.pick("drafter", req.avoid)
+        spec, started = req.spec, False
         try:
             info = await asyncio.wait_for(self._client(name).health(), self.cfg.drafter_timeout_s)
-            if not info.feature_layers:
-                started = True
-                await asyncio.wait_for(self._client(name).start(StartCall(spec.request_id, spec.prompt_ids,
-                                                                          spec.worker_params)),
-                                       self.cfg.drafter_timeout_s)
-                job.drafter, job.drafter_info, job.avoid = name, info, set()
-                self.pools.load[name] += 1
-                log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
-            else:
-                job.drafter_info = info  # stays in fallback: see _maybe_attach_drafter
+            if info.feature_layers:
+                req.drafter_refused(info)  # stays in fallback: see _maybe_attach_drafter
+                return
+            started = True
+            await asyncio.wait_for(self._client(name).start(StartCall(spec.request_id, spec.prompt_ids,
+                                                                      spec.worker_params)),
+                                   self.cfg.drafter_timeout_s)
         except asyncio.CancelledError:
             if started:
                 self._spawn(self.release_quietly(name, spec.request_id))
             raise
         except Exception as e:
             log.info("request %s: drafter %s still unavailable: %s", spec.request_id, name, e)
-            job.drafter_retry_at = time.monotonic() + DRAFTER_RETRY_S
+            req.attach_failed(time.monotonic() + DRAFTER_RETRY_S)
+            return
         finally:
-            job.attach = None
+            req.attach_ended()
+        req.drafter_attached(name, info)
+        self.pools.load[name] += 1
+        log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
 
     # -- steps and failover ----------------------------------------------------------------------
-    async def _step(self, job: _Job) -> VerifyReply:
+    async def _step(self, req: Request) -> VerifyReply:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
-                return await self._draft_and_verify(job)
+                return await self._draft_and_verify(req)
             except Exception as e:
                 if not _recoverable(e) or attempt == MAX_RECOVERIES:
                     raise
-                log.warning("request %s: replica failed (%s: %s); re-prefilling", job.spec.request_id,
+                log.warning("request %s: replica failed (%s: %s); re-prefilling", req.request_id,
                             type(e).__name__, e)
                 self.metrics.observe_recovery()
-            await self._recover(job)
+            req.target_lost()
+            await self._recover(req)
         raise AssertionError("unreachable")
 
-    async def _propose(self, job: _Job) -> Draft | None:
+    async def _propose(self, req: Request) -> Draft | None:
         """The drafter's proposal; None when the round runs without one (plain decoding):
         no drafter, no room for drafts, or the target's draft gate skips the round (a gated
         round is no fallback: the drafter is there, and its features keep accumulating)."""
         speculating = self.cfg.method != "ar" and self.cfg.block_size > 0
-        if not job.drafter and speculating:
-            self._maybe_attach_drafter(job)
-        info = job.drafter_info
-        if job.drafter and info is not None and info.has_proposer and job.max_drafts > 0 and job.draft_next:
+        if not req.drafter and speculating:
+            self._maybe_attach_drafter(req)
+        info = req.drafter_info
+        if req.drafter and info is not None and info.has_proposer and req.max_drafts > 0 and req.draft_next:
             try:
-                return await asyncio.wait_for(self._client(job.drafter).draft(ProposeCall(
-                    job.spec.request_id, job.spec.prompt_ids + job.committed, job.max_drafts,
-                    take_features(job.features))), self.cfg.drafter_timeout_s)
+                return await asyncio.wait_for(self._client(req.drafter).draft(ProposeCall(
+                    req.request_id, req.spec.prompt_ids + req.committed, req.max_drafts,
+                    req.take_features())), self.cfg.drafter_timeout_s)
             except Exception as e:
                 if not _recoverable(e):
                     raise
-                self._drop_drafter(job, e)
-        if not job.drafter and speculating:
+                self._drop_drafter(req, e)
+        if not req.drafter and speculating:
             self.metrics.observe_fallback(1)
         return None
 
-    async def _draft_and_verify(self, job: _Job) -> VerifyReply:
+    async def _draft_and_verify(self, req: Request) -> VerifyReply:
         t0 = time.perf_counter()
-        draft = await self._propose(job)
+        draft = await self._propose(req)
         t1 = time.perf_counter()
         # The drafter's time goes with the call: the target's draft gate weighs it as the
-        # embedded engine weighs its proposer's.
-        call = VerifyCall(job.spec.request_id, Draft([]) if draft is None else draft,
+        # embedded engine weighs its proposer's. A failed verify is the target lost (`_step`).
+        call = VerifyCall(req.request_id, Draft([]) if draft is None else draft,
                           None if draft is None else t1 - t0)
-        try:
-            reply = await self._client(job.target).verify(call)
-        except Exception:
-            job.avoid = {job.target}
-            raise
-        job.max_drafts, job.draft_next = self._cap(job, reply.max_drafts), reply.draft_next
-        if job.drafter and reply.features is not None:
-            job.features.append(reply.features)
+        reply = await self._client(req.target).verify(call)
+        req.verified(reply)
         self.metrics.observe_step({
             "drafted": reply.drafted, "accepted": reply.accepted,
             "accepted_per_position": [1] * reply.accepted + [0] * (reply.drafted - reply.accepted),
@@ -512,40 +494,28 @@ class Router:
         self.metrics.count_tokens("target", 0, len(reply.tokens))
         return reply
 
-    @staticmethod
-    def _cap(job: _Job, max_drafts: int) -> int:
-        """The request's own block size caps the drafts the target allows."""
-        block = job.spec.block_size
-        return max_drafts if block is None else min(max_drafts, block)
-
-    async def _recover(self, job: _Job) -> None:
-        await self._release_workers(job)
-        # The log, not local memory, says what the client has been sent.
-        job.committed = await self.call_state(self.state.read_tokens, job.spec.request_id)
-        job.features = []
-        await self._set_prefilling(job.spec.request_id)
-        await self._admit_until_deadline(job)
-        await self.call_state(self.state.set_status, job.spec.request_id, RequestStatus.RUNNING)
+    async def _recover(self, req: Request) -> None:
+        """RECOVERING: free its replicas, re-prefill prompt + the log elsewhere, RUNNING again."""
+        await self._release_workers(req)
+        req.restarted_from_log(await self.call_state(self.state.read_tokens, req.request_id))
+        await self._publish(req)  # PREFILLING
+        await self._admit_until_deadline(req)
+        req.recovered()
+        await self._publish(req)  # RUNNING
 
     # -- release -------------------------------------------------------------------------------
-    async def _release_workers(self, job: _Job) -> None:
-        if job.attach is not None:
-            job.attach.cancel()
-            job.attach = None
-        for name in (job.target, job.drafter):
-            if not name:
-                continue
+    async def _release_workers(self, req: Request) -> None:
+        for name in req.workers_released():
             self.pools.load[name] -= 1
-            await self.release_quietly(name, job.spec.request_id)
-        job.target = job.drafter = ""
+            await self.release_quietly(name, req.request_id)
 
-    async def _release(self, job: _Job, status: RequestStatus, reason: str) -> None:
-        await self._release_workers(job)
+    async def _release(self, req: Request, status: RequestStatus, reason: str) -> None:
+        await self._release_workers(req)
         try:
-            await asyncio.to_thread(self.state.set_status, job.spec.request_id, status,
-                                    {"finish_reason": reason, "completion_tokens": len(job.committed)})
+            await asyncio.to_thread(self.state.set_status, req.request_id, status,
+                                    {"finish_reason": reason, "completion_tokens": len(req.committed)})
         except Exception as e:  # Redis down or the entry gone: the TTL cleans up
-            log.info("final status of %s not recorded: %s", job.spec.request_id, e)
+            log.info("final status of %s not recorded: %s", req.request_id, e)
 
 
 def _recoverable(e: BaseException) -> bool:

@@ -6,6 +6,9 @@ whatever fails on the way, must produce exactly `reference(prompt)`: a lost or r
 token after a failover shows up as a mismatch. Faults are injected per worker: a dead
 replica raises `ConnectionError` (what the router treats like a dead Ray actor) and loses
 the requests it held.
+
+Each test also checks the phases the request went through (`services.router.request`): the
+fixture records every `Request` the router creates.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from services.metrics import FleetMetrics
 from services.router import loop as loop_mod
 from services.router.loop import Router, StepEvent
 from services.router.pools import WorkerPools
+from services.router.request import DrafterState, Phase, Request
 from services.router.validate import RequestSpec
 from services.state.redis_state import FleetState, RequestStatus, StateConfig
 from services.state.server import RedisServer
@@ -44,6 +48,8 @@ from services.workers.messages import (
     WorkerInfo,
 )
 
+ADMITTED, PREFILLED, RUNNING, RECOVERING = Phase.ADMITTED, Phase.PREFILLED, Phase.RUNNING, Phase.RECOVERING
+NONE, ATTACHED, FALLBACK = DrafterState.NONE, DrafterState.ATTACHED, DrafterState.FALLBACK
 VOCAB = 50
 EOS = VOCAB - 1
 K = 4
@@ -213,6 +219,7 @@ class Fleet:
         self.state = FleetState.from_url(redis_url, StateConfig(namespace=f"recovery{uuid.uuid4().hex[:8]}"))
         self.router = Router(self.cfg, self.state, Pools([self.prefill, *self.targets, self.drafter]),
                              word_tokenizer(), FleetMetrics(self.cfg.model, self.cfg.method), eos_token_ids=(EOS,))
+        self.requests: list[Request] = []  # every request the router created, by the fixture
 
     def spec(self, max_new: int = MAX_NEW) -> RequestSpec:
         return RequestSpec(f"r-{uuid.uuid4().hex[:8]}", PROMPT, SamplingParams(max_new_tokens=max_new))
@@ -230,6 +237,13 @@ class Fleet:
 def fleet(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     monkeypatch.setattr(loop_mod, "DRAFTER_RETRY_S", 0.0)  # try a drafter again every step
     f = Fleet(redis_server.url)
+
+    class Recorded(Request):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            f.requests.append(self)
+
+    monkeypatch.setattr(loop_mod, "Request", Recorded)
     yield f
     f.state.close()
 
@@ -260,6 +274,9 @@ def test_an_undisturbed_request_speculates_and_frees_everything(fleet: Fleet) ->
     assert fleet.held() == 0
     assert fleet.state.get(spec.request_id).status is RequestStatus.FINISHED
     assert fleet.state.read_tokens(spec.request_id) == reference(PROMPT)
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, PREFILLED, RUNNING, Phase.FINISHED]
+    assert req.drafter_states == [NONE, ATTACHED, NONE]  # NONE: released at the end
 
 
 def test_drafter_lost_runs_plain_rounds_then_reattaches(fleet: Fleet) -> None:
@@ -276,6 +293,9 @@ def test_drafter_lost_runs_plain_rounds_then_reattaches(fleet: Fleet) -> None:
     assert fleet.drafter.calls.count("start") == 2  # admission, then the re-attach
     assert fleet.counter("request_failovers") == 0  # a drafter loss is not a failover
     assert fleet.held() == 0
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, PREFILLED, RUNNING, Phase.FINISHED]
+    assert req.drafter_states == [NONE, ATTACHED, FALLBACK, ATTACHED, NONE]
 
 
 def test_target_lost_mid_stream_resumes_from_the_log(fleet: Fleet) -> None:
@@ -292,6 +312,9 @@ def test_target_lost_mid_stream_resumes_from_the_log(fleet: Fleet) -> None:
     assert fleet.prefill.calls.count("prefill") == 2
     assert fleet.state.read_tokens(spec.request_id) == reference(PROMPT)
     assert fleet.held() == 0
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, PREFILLED, RUNNING, RECOVERING, RUNNING, Phase.FINISHED]
+    assert req.drafter_states == [NONE, ATTACHED, NONE, ATTACHED, NONE]  # re-admitted with a drafter
 
 
 def test_a_prefill_failure_frees_the_admission_and_is_retried(fleet: Fleet) -> None:
@@ -304,6 +327,9 @@ def test_a_prefill_failure_frees_the_admission_and_is_retried(fleet: Fleet) -> N
     assert len(receives) == 2 and receives[0] < target.calls.index("release") < receives[1]  # freed, then again
     assert fleet.drafter.calls.count("start") == 2
     assert fleet.held() == 0
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, PREFILLED, RUNNING, Phase.FINISHED]  # the retry stays within ADMITTED
+    assert req.drafter_states == [NONE, ATTACHED, NONE, ATTACHED, NONE]
 
 
 def test_a_request_that_cannot_be_admitted_fails_and_frees_its_slot(fleet: Fleet) -> None:
@@ -316,6 +342,8 @@ def test_a_request_that_cannot_be_admitted_fails_and_frees_its_slot(fleet: Fleet
         run(fleet, spec)
     assert fleet.held() == 0
     assert fleet.state.get(spec.request_id).status is RequestStatus.FAILED
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, Phase.FAILED]
 
 
 def test_client_cancel_frees_the_slot(fleet: Fleet) -> None:
@@ -333,3 +361,5 @@ def test_client_cancel_frees_the_slot(fleet: Fleet) -> None:
 
     got = asyncio.run(go())
     assert tokens_of(got) == reference(PROMPT)[: len(tokens_of(got))]
+    (req,) = fleet.requests
+    assert req.phases == [ADMITTED, PREFILLED, RUNNING, Phase.CANCELLED]
