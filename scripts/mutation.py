@@ -106,7 +106,7 @@ MUTANTS = [
            "StepEvent(request_id, offset, committed[offset:]", "StepEvent(request_id, offset, committed[offset + 1:]",
            RESUME),
     Mutant("router: a complete log is not recognised after a takeover", "services/router/loop.py",
-           "job.finish_reason = self._finished_by_log(job)", "job.finish_reason = None", RESUME),
+           "reason = self._finished_by_log(req)", "reason = None", RESUME),
 ]
 
 

@@ -1,6 +1,6 @@
 """The per-request speculative loop, run by the router against remote workers.
 
-    register in Redis -> prefill (KV to the target, features to the drafter) -> first token
+    register in Redis -> admit (prefill, KV to the target, features to the drafter) -> first token
     repeat: drafter.propose -> target.verify (batched, library verify+commit)
             -> append committed tokens to the Redis token log -> stream them
             (a round the target's draft gate skips verifies an empty draft, no drafter call)
@@ -12,9 +12,14 @@ healthy replica, so the client sees neither a gap nor a duplicate. The registry 
 also holds the prompt ids and sampling parameters (JSON, never pickle), so another router
 can continue a request whose router died (`continue_request`, used by Resume).
 
-A failed or slow drafter does not fail the request: it continues as plain decoding (an
-empty draft; counted in `dspark:spec_decode_fallback_total`) and, for drafters that read
-only token ids, a replacement drafter is attached in the background when one answers.
+`Router` is the orchestrator of one request's loop; each other idea has its module:
+
+    request.py       the request's state machine (phases, drafter sub-state, transitions)
+    admission.py     admission and failover: prefill, KV hand-off, re-prefill from the log
+    drafter_link.py  the optional drafter: drop to plain rounds, re-attach in the background
+    backpressure.py  how many requests run at once, the bounded queue, refusal
+    faults.py        which worker failures a request survives
+    context.py       what they share: config, Redis, worker pools, metrics, background tasks
 """
 
 from __future__ import annotations
@@ -29,47 +34,29 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import ray.exceptions
-
 from dspark.engine.sequence import finish_reason_of, stop_token_ids
 from dspark.engine.stop import TextStream
-from dspark.kv.transport import PeerLost, TransferFailed
 from dspark.models.tokenizer import Tokenizer
 from dspark.spec.logits import TokenLogprob
 from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
 from services.metrics import FleetMetrics
+from services.router.admission import Admission
+from services.router.backpressure import Backpressure
+from services.router.context import RouterContext
+from services.router.drafter_link import DrafterLink
 from services.router.errors import RouterError
+from services.router.faults import recoverable
 from services.router.pools import WorkerPools
-from services.router.request import DrafterState, Request
+from services.router.request import Request
 from services.router.validate import RequestSpec, params_from_json, params_to_json
-from services.state.redis_state import (
-    FleetState,
-    RequestStatus,
-    StateConflict,
-    StateUnavailable,
-    UnknownRequest,
-)
-from services.workers.client import WorkerClient
-from services.workers.messages import (
-    PrefillCall,
-    ProposeCall,
-    ReceiveCall,
-    StartCall,
-    StateLost,
-    VerifyCall,
-    VerifyReply,
-    WorkerInfo,
-)
+from services.state.redis_state import FleetState, RequestStatus, StateConflict, UnknownRequest
+from services.workers.messages import VerifyCall, VerifyReply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_RECOVERIES = 5  # failovers one request survives before it fails
-DRAFTER_RETRY_S = 2.0  # in fallback, how often to try attaching a drafter again
-# A replica died, restarted (its state is gone) or a KV hand-off broke: re-prefill elsewhere.
-RECOVERABLE = (ray.exceptions.RayActorError, StateLost, PeerLost, TransferFailed, TimeoutError,
-               ConnectionError)
 
 
 @dataclasses.dataclass
@@ -97,29 +84,53 @@ class StepEvent:
 class Router:
     def __init__(self, cfg: FleetConfig, state: FleetState, pools: WorkerPools, tokenizer: Tokenizer,
                  metrics: FleetMetrics, eos_token_ids: tuple[int, ...] = ()) -> None:
-        self.cfg, self.state, self.pools, self.tokenizer, self.metrics = cfg, state, pools, tokenizer, metrics
+        self.ctx = RouterContext(cfg, state, pools, metrics)
+        self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)  # the target's, to tell a finished log
         self.router_id = uuid.uuid4().hex[:12]  # names this instance in Redis (liveness, ownership)
-        self.in_flight = self.waiting = 0
-        self._room = asyncio.Condition()  # notified whenever a request ends
         self.num_takeovers = 0  # requests continued here after their router died
-        self._background: set[asyncio.Task] = set()
+        self.backpressure = Backpressure(self.ctx)
+        self.drafters = DrafterLink(self.ctx)
+        self.admission = Admission(self.ctx, self.drafters)
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- shared state --------------------------------------------------------------------------
+    @property
+    def cfg(self) -> FleetConfig:
+        return self.ctx.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: FleetConfig) -> None:  # a swapped config reaches every part
+        self.ctx.cfg = cfg
+
+    @property
+    def state(self) -> FleetState:
+        return self.ctx.state
+
+    @property
+    def pools(self) -> WorkerPools:
+        return self.ctx.pools
+
+    @property
+    def metrics(self) -> FleetMetrics:
+        return self.ctx.metrics
+
+    @property
+    def in_flight(self) -> int:
+        return self.backpressure.in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self.backpressure.waiting
+
+    def capacity(self) -> int:
+        return self.backpressure.capacity()
+
     async def call_state(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking `FleetState` call, off the event loop; an unreachable store is UNAVAILABLE."""
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except StateUnavailable as e:
-            raise RouterError("UNAVAILABLE", f"fleet state store unavailable: {e}") from e
+        return await self.ctx.call_state(fn, *args)
 
-    def _client(self, name: str) -> WorkerClient:
-        return self.pools.client(name)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def release_quietly(self, name: str, request_id: str) -> None:
+        await self.ctx.release_quietly(name, request_id)
 
     async def release_everywhere(self, request_id: str) -> None:
         """Free the request on every target and drafter replica (its router died, so which
@@ -127,20 +138,21 @@ class Router:
         names = self.pools.names
         await asyncio.gather(*(self.release_quietly(n, request_id) for n in names["target"] + names["drafter"]))
 
-    async def release_quietly(self, name: str, request_id: str) -> None:
-        """Free what replica `name` holds for the request; a failure is only logged (a dead
-        replica's state died with it)."""
-        try:
-            await asyncio.wait_for(self._client(name).release(request_id), 10)
-        except Exception as e:
-            log.info("release(%s) on %s: %s", request_id, name, e)
+    def text_stream(self, params: SamplingParams) -> TextStream:
+        """The library's stop-string detokenizer for a request (Resume replays through it too)."""
+        return TextStream(self.tokenizer, params.stop)
+
+    @staticmethod
+    def params_of(meta: dict[str, Any]) -> SamplingParams | None:
+        """A registered request's sampling parameters (None for entries without them)."""
+        return params_from_json(meta["params"]) if "params" in meta else None
 
     # -- one request ---------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[StepEvent]:
         """The request's events. Closing the stream (a client gone) frees its workers and
         records CANCELLED before `aclose()` returns: every generator of the chain closes the
         one it reads (`aclosing`), none is left to the garbage collector to finish later."""
-        async with contextlib.aclosing(self._counted(self._generate(spec))) as events:
+        async with contextlib.aclosing(self.backpressure.counted(self._generate(spec))) as events:
             async for event in events:
                 yield event
 
@@ -158,50 +170,9 @@ class Router:
         self.metrics.observe_recovery(takeover=True)
         await self.release_everywhere(spec.request_id)
         req = Request(spec, self.text_stream(spec.params), committed)
-        async with contextlib.aclosing(self._counted(self._drive(req, time.perf_counter()))) as events:
+        async with contextlib.aclosing(self.backpressure.counted(self._drive(req, time.perf_counter()))) as events:
             async for event in events:
                 yield event
-
-    def text_stream(self, params: SamplingParams) -> TextStream:
-        """The library's stop-string detokenizer for a request (Resume replays through it too)."""
-        return TextStream(self.tokenizer, params.stop)
-
-    @staticmethod
-    def params_of(meta: dict[str, Any]) -> SamplingParams | None:
-        """A registered request's sampling parameters (None for entries without them)."""
-        return params_from_json(meta["params"]) if "params" in meta else None
-
-    def capacity(self) -> int:
-        """Requests generating at once: the configured limit, and never more than the
-        target pool's KV slots (an admission beyond them would fail)."""
-        target = self.cfg.pool("target")
-        return min(self.cfg.max_in_flight, target.max_batch_size * target.replicas)
-
-    async def _counted(self, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
-        """Backpressure: run when there is room, else wait in a bounded queue, else refuse."""
-        if self.in_flight >= self.capacity():
-            if self.waiting >= self.cfg.max_queued:
-                self.metrics.observe_error("RESOURCE_EXHAUSTED")
-                raise RouterError("RESOURCE_EXHAUSTED", f"{self.in_flight} requests in flight and "
-                                  f"{self.waiting} waiting; retry later")
-            self.waiting += 1
-            self.metrics.set_queue(self.in_flight, self.waiting)
-            try:
-                async with self._room:
-                    await self._room.wait_for(lambda: self.in_flight < self.capacity())
-            finally:
-                self.waiting -= 1
-        self.in_flight += 1
-        self.metrics.set_queue(self.in_flight, self.waiting)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-            self.in_flight -= 1
-            self.metrics.set_queue(self.in_flight, self.waiting)
-            async with self._room:
-                self._room.notify()
 
     def _meta(self, spec: RequestSpec) -> dict[str, Any]:
         """Registry metadata: enough for any router to continue the request (JSON only)."""
@@ -226,9 +197,7 @@ class Router:
         stamps: list[float] = []
         try:
             if not req.committed:
-                await self._publish(req)  # PREFILLING
-                await self._admit_until_deadline(req)
-                await self._publish(req)  # RUNNING
+                await self.admission.admit(req)  # ADMITTED -> PREFILLED
                 pres = req.first
                 assert pres is not None
                 ev = self._commit(req, [pres.first_token], pres.finish_reason, pres.logprobs)
@@ -240,7 +209,7 @@ class Router:
                 reason = self._finished_by_log(req)
                 if reason is None:
                     req.taken_over()
-                    await self._recover(req)
+                    await self.admission.recover(req)
                 else:
                     req.log_ended(reason)
                     yield self._finish_event(req, StepEvent(spec.request_id, len(req.committed), [],
@@ -290,15 +259,6 @@ class Router:
         reason = finish_reason_of(req.committed, stop_token_ids(p, self.eos_token_ids), p.max_new_tokens)
         return None if reason is None else reason.value
 
-    async def _publish(self, req: Request) -> None:
-        """Record the request's phase in the registry (`Phase.status`)."""
-        status = req.phase.status
-        try:
-            await self.call_state(self.state.set_status, req.request_id, status)
-        except StateConflict:  # already PREFILLING: a request taken over mid-admission
-            if status is not RequestStatus.PREFILLING:
-                raise
-
     def _commit(self, req: Request, tokens: list[int], finish_reason: str | None,
                 logprobs: list[TokenLogprob] | None) -> StepEvent:
         """A step's tokens as the client sees them: through the library's stop-string check
@@ -320,171 +280,32 @@ class Router:
             ev.prompt_tokens, ev.completion_tokens = len(req.spec.prompt_ids), len(req.committed)
         return ev
 
-    # -- admission and failover ------------------------------------------------------------------
-    async def _admit(self, req: Request) -> None:
-        """Prefill on a prefill replica, KV to a target replica, features to a drafter
-        replica. With committed tokens (failover) the prefill covers prompt + committed[:-1]
-        and the target resumes with the logged tokens; otherwise the prefill's first token
-        starts the output. A drafter that does not answer leaves the request drafter-less
-        (plain decoding) unless the prefill must stream features to it."""
-        spec, committed = req.spec, list(req.committed)
-        prefill = self.pools.pick("prefill")
-        req.target_placed(self.pools.pick("target", req.avoid))
-        self.pools.load[req.target] += 1
-        pinfo, tinfo = await asyncio.gather(self._client(prefill).health(), self._client(req.target).health())
-        dinfo = await self._drafter_info(req)
-        layers = dinfo.feature_layers if dinfo is not None else ()
-        tokens = spec.prompt_ids + committed[:-1]
-        params = spec.worker_params
-        calls = [self._client(prefill).prefill(PrefillCall(spec.request_id, tokens, params, tinfo.peer_id,
-                                                           dinfo.peer_id if layers else None, layers)),
-                 self._client(req.target).receive(ReceiveCall(spec.request_id, pinfo.peer_id, spec.prompt_ids,
-                                                              params, committed or None, layers))]
-        if dinfo is not None:
-            start = self._client(req.drafter).start(StartCall(spec.request_id, spec.prompt_ids, params,
-                                                              pinfo.peer_id if layers else None))
-            # A feature-reading drafter must take the prefill's stream: no timeout of our own.
-            calls.append(start if layers else asyncio.wait_for(start, self.cfg.drafter_timeout_s))
-        t0 = time.perf_counter()
-        async with self.pools.send_lock(prefill):
-            # return_exceptions: every side finishes (or times out) before the lock is freed.
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        for r in results[:2]:
-            if isinstance(r, BaseException):
-                raise r
-        if len(results) > 2 and isinstance(results[2], BaseException):
-            if layers or not _recoverable(results[2]):
-                raise results[2]
-            self._drop_drafter(req, results[2])
-        pres, received = results[0], results[1]
-        req.target_ready(received.max_drafts, received.draft_next)
-        self.metrics.observe_prefill(time.perf_counter() - t0)
-        self.metrics.observe_kv_transfer(pres.kv_bytes, pres.transfer_s)
-        self.metrics.count_tokens("prefill", len(tokens), 0 if committed else 1)
-        if not committed:
-            req.prefilled(pres)  # its token is committed by _drive, through the stop-string check
-
-    async def _admit_until_deadline(self, req: Request) -> None:
-        """`_admit`, retried while replicas die or restart (e.g. a prefill replica killed
-        mid-transfer), until `recovery_timeout_s`."""
-        deadline = time.monotonic() + self.cfg.recovery_timeout_s
-        while True:
-            try:
-                await self._admit(req)
-                return
-            except Exception as e:
-                if not _recoverable(e) or time.monotonic() > deadline:
-                    raise
-                log.info("request %s: admission failed (%s: %s); retrying", req.request_id,
-                         type(e).__name__, e)
-            await self._release_workers(req)
-            await asyncio.sleep(0.5)
-
-    # -- the drafter: optional, by design ------------------------------------------------------
-    async def _drafter_info(self, req: Request) -> WorkerInfo | None:
-        req.drafter_placed(self.pools.pick("drafter", req.avoid))
-        self.pools.load[req.drafter] += 1
-        try:
-            info = await asyncio.wait_for(self._client(req.drafter).health(), self.cfg.drafter_timeout_s)
-        except Exception as e:
-            if not _recoverable(e):
-                raise
-            self._drop_drafter(req, e)
-            return None
-        req.drafter_answered(info)
-        return info
-
-    def _drop_drafter(self, req: Request, error: BaseException) -> None:
-        """Continue without a drafter (plain decoding); its state is freed in the background
-        so a dead replica cannot stall the request."""
-        log.warning("request %s: drafter %s failed (%s: %s); continuing without drafts",
-                    req.request_id, req.drafter, type(error).__name__, error)
-        name = req.drafter_lost(time.monotonic() + DRAFTER_RETRY_S)
-        self.pools.load[name] -= 1
-        self._spawn(self.release_quietly(name, req.request_id))
-
-    def _maybe_attach_drafter(self, req: Request) -> None:
-        """In fallback, try a drafter again now and then. Only drafters that read token ids
-        alone can join mid-request; one that reads target features would need the whole
-        context's features (a re-prefill) and stays off for this request."""
-        if req.drafter_state is not DrafterState.FALLBACK or req.attach is not None \
-                or time.monotonic() < req.retry_at:
-            return
-        if req.drafter_info is not None and req.drafter_info.feature_layers:
-            return
-        req.attach_started(asyncio.ensure_future(self._attach_drafter(req)))
-
-    async def _attach_drafter(self, req: Request) -> None:
-        name = self.pools.pick("drafter", req.avoid)
-        spec, started = req.spec, False
-        try:
-            info = await asyncio.wait_for(self._client(name).health(), self.cfg.drafter_timeout_s)
-            if info.feature_layers:
-                req.drafter_refused(info)  # stays in fallback: see _maybe_attach_drafter
-                return
-            started = True
-            await asyncio.wait_for(self._client(name).start(StartCall(spec.request_id, spec.prompt_ids,
-                                                                      spec.worker_params)),
-                                   self.cfg.drafter_timeout_s)
-        except asyncio.CancelledError:
-            if started:
-                self._spawn(self.release_quietly(name, spec.request_id))
-            raise
-        except Exception as e:
-            log.info("request %s: drafter %s still unavailable: %s", spec.request_id, name, e)
-            req.attach_failed(time.monotonic() + DRAFTER_RETRY_S)
-            return
-        finally:
-            req.attach_ended()
-        req.drafter_attached(name, info)
-        self.pools.load[name] += 1
-        log.info("request %s: drafter %s attached; speculating again", spec.request_id, name)
-
-    # -- steps and failover ----------------------------------------------------------------------
+    # -- rounds --------------------------------------------------------------------------------
     async def _step(self, req: Request) -> VerifyReply:
+        """One round; a lost target is recovered from the log and the round run again."""
         for attempt in range(MAX_RECOVERIES + 1):
             try:
                 return await self._draft_and_verify(req)
             except Exception as e:
-                if not _recoverable(e) or attempt == MAX_RECOVERIES:
+                if not recoverable(e) or attempt == MAX_RECOVERIES:
                     raise
                 log.warning("request %s: replica failed (%s: %s); re-prefilling", req.request_id,
                             type(e).__name__, e)
                 self.metrics.observe_recovery()
             req.target_lost()
-            await self._recover(req)
+            await self.admission.recover(req)
         raise AssertionError("unreachable")
 
-    async def _propose(self, req: Request) -> Draft | None:
-        """The drafter's proposal; None when the round runs without one (plain decoding):
-        no drafter, no room for drafts, or the target's draft gate skips the round (a gated
-        round is no fallback: the drafter is there, and its features keep accumulating)."""
-        speculating = self.cfg.method != "ar" and self.cfg.block_size > 0
-        if not req.drafter and speculating:
-            self._maybe_attach_drafter(req)
-        info = req.drafter_info
-        if req.drafter and info is not None and info.has_proposer and req.max_drafts > 0 and req.draft_next:
-            try:
-                return await asyncio.wait_for(self._client(req.drafter).draft(ProposeCall(
-                    req.request_id, req.spec.prompt_ids + req.committed, req.max_drafts,
-                    req.take_features())), self.cfg.drafter_timeout_s)
-            except Exception as e:
-                if not _recoverable(e):
-                    raise
-                self._drop_drafter(req, e)
-        if not req.drafter and speculating:
-            self.metrics.observe_fallback(1)
-        return None
-
     async def _draft_and_verify(self, req: Request) -> VerifyReply:
+        """Propose (or not), verify on the request's target, record the round's metrics."""
         t0 = time.perf_counter()
-        draft = await self._propose(req)
+        draft = await self.drafters.propose(req)
         t1 = time.perf_counter()
         # The drafter's time goes with the call: the target's draft gate weighs it as the
         # embedded engine weighs its proposer's. A failed verify is the target lost (`_step`).
         call = VerifyCall(req.request_id, Draft([]) if draft is None else draft,
                           None if draft is None else t1 - t0)
-        reply = await self._client(req.target).verify(call)
+        reply = await self.ctx.client(req.target).verify(call)
         req.verified(reply)
         self.metrics.observe_step({
             "drafted": reply.drafted, "accepted": reply.accepted,
@@ -494,32 +315,11 @@ class Router:
         self.metrics.count_tokens("target", 0, len(reply.tokens))
         return reply
 
-    async def _recover(self, req: Request) -> None:
-        """RECOVERING: free its replicas, re-prefill prompt + the log elsewhere, RUNNING again."""
-        await self._release_workers(req)
-        req.restarted_from_log(await self.call_state(self.state.read_tokens, req.request_id))
-        await self._publish(req)  # PREFILLING
-        await self._admit_until_deadline(req)
-        req.recovered()
-        await self._publish(req)  # RUNNING
-
-    # -- release -------------------------------------------------------------------------------
-    async def _release_workers(self, req: Request) -> None:
-        for name in req.workers_released():
-            self.pools.load[name] -= 1
-            await self.release_quietly(name, req.request_id)
-
+    # -- the end ---------------------------------------------------------------------------------
     async def _release(self, req: Request, status: RequestStatus, reason: str) -> None:
-        await self._release_workers(req)
+        await self.admission.release_workers(req)
         try:
             await asyncio.to_thread(self.state.set_status, req.request_id, status,
                                     {"finish_reason": reason, "completion_tokens": len(req.committed)})
         except Exception as e:  # Redis down or the entry gone: the TTL cleans up
             log.info("final status of %s not recorded: %s", req.request_id, e)
-
-
-def _recoverable(e: BaseException) -> bool:
-    if isinstance(e, RECOVERABLE):
-        return True
-    cause = getattr(e, "cause", None)
-    return isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, RECOVERABLE)

@@ -27,6 +27,7 @@ from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams
 from services.config import load_config
 from services.metrics import FleetMetrics
+from services.router import drafter_link
 from services.router import loop as loop_mod
 from services.router.loop import Router, StepEvent
 from services.router.pools import WorkerPools
@@ -235,7 +236,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
-    monkeypatch.setattr(loop_mod, "DRAFTER_RETRY_S", 0.0)  # try a drafter again every step
+    monkeypatch.setattr(drafter_link, "DRAFTER_RETRY_S", 0.0)  # try a drafter again every step
     f = Fleet(redis_server.url)
 
     class Recorded(Request):
