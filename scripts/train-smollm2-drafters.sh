@@ -8,13 +8,13 @@
 #   scripts/train-smollm2-drafters.sh                  # stage 2 (continue the shipped weights), calibrate
 #   STAGES="1" scripts/train-smollm2-drafters.sh       # the from-scratch stage instead
 #
-# Stage 1: from scratch on ShareGPT answers teacher-forced through the target (labels = the
-#          target's argmax), warmup then constant lr. Measured: held-out tau_tf 1.19 after
-#          150k anchors, below the shipped weights' 1.374 (docs/results/drafter-ab.md), so it
-#          is not in the default STAGES and does not export.
-# Stage 2: continue the SHIPPED weights (copied into the cache first) on ShareGPT with
-#          greedy_chains + the target's own regenerated answers (data/regenerated/,
-#          scripts/regenerate-smollm2.sh), low lr decayed to 0; exports over the shipped
+# Stage 1: from scratch on the target's own regenerated answers (data/regenerated/), 32 random
+#          anchors from each of 4 conversations a step, warmup then a constant lr. Measured
+#          (A/B arm regen-b4, docs/results/drafter-ab.md): held-out tau_tf 1.25-1.26 after
+#          60-100k anchors, still below the shipped weights' 1.374, so it is not in the default
+#          STAGES and does not export.
+# Stage 2: continue the SHIPPED weights (copied into the cache first) on the same data and
+#          batch, lr warmed up then a cosine to 0 (A/B arm warm-b4); exports over the shipped
 #          checkpoint at the end.
 # Data, wall times and curves: docs/results/training-smollm2.md.
 set -euo pipefail
@@ -43,5 +43,5 @@ for s in $STAGES; do
   wait
 done
 # Calibration, eval-drafter and the bench: scripts/evaluate-smollm2-drafters.sh.
-.venv/bin/python scripts/plot_training.py --ab "dspark, continued=continue-dspark" "dflash, continued=continue-dflash" \
+.venv/bin/python scripts/plot_training.py --ab "dspark, continued=continue-dspark-b4" "dflash, continued=continue-dflash-b4" \
     --out docs/img/training-smollm2.png
