@@ -36,6 +36,7 @@ from services.state.server import RedisServer, free_port  # noqa: E402
 OBJECT_STORE_BYTES = 512 * 2**20
 STOP_STEP_TIMEOUT_S = 20.0
 LOCAL_RAY_ATTEMPTS = 3
+CLIENT_ATTACH_ATTEMPTS = 4  # ray:// connects, with 5, 10 and 20 s of waiting between them
 
 
 class LocalFleet:
@@ -101,7 +102,7 @@ class LocalFleet:
         if ray.is_initialized():
             return
         if self.ray_address:
-            _init_ray(address=self.ray_address, namespace="dspark")
+            _attach_ray(self.ray_address)
             return
         kwargs: dict[str, Any] = {}
         if self.ray_metrics_port is not None:
@@ -230,6 +231,28 @@ def _bounded(step: Any, what: str, timeout_s: float = STOP_STEP_TIMEOUT_S) -> No
         print(f"fleet stop: {what} did not finish in {timeout_s:.0f}s, going on", file=sys.stderr, flush=True)
 
 
+def _attach_ray(address: str, attempts: int = CLIENT_ATTACH_ATTEMPTS, first_wait_s: float = 5.0) -> None:
+    """Connect to an existing cluster. Through Ray Client (`ray://`), the head starts one
+    server process per client; on a loaded or still-starting head that process can die
+    before it serves ("Starting Ray client server failed"), and a router pod that gave up
+    at once would crash-loop. Retry a few times with a growing wait, then fail loudly."""
+    wait_s = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            _init_ray(address=address, namespace="dspark")
+            return
+        except ConnectionError as e:  # ConnectionAbortedError (the server died) is one
+            if not address.startswith("ray://") or attempt == attempts:
+                raise
+            first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            print(f"fleet start: could not attach to {address} ({first_line}); attempt {attempt + 1} of "
+                  f"{attempts} in {wait_s:.0f}s", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            time.sleep(wait_s)
+            wait_s *= 2
+
+
 def _init_ray(**kwargs: Any) -> None:
     """`ray.init` that keeps the process's SIGTERM handler. Ray installs one that calls
     `sys.exit` from the signal handler; the exception then unwinds through Ray's own
@@ -237,9 +260,11 @@ def _init_ray(**kwargs: Any) -> None:
     temporary folders behind. The process's own handler (`dspark serve`'s) stays in charge."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(**kwargs)
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+    try:
+        ray.init(**kwargs)
+    finally:  # a failed attempt too: a retry would otherwise keep Ray's handler (exit 15 on SIGTERM)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["INGRESS", "LocalFleet", "ray_env"]

@@ -165,29 +165,20 @@ def greedy_reference(fleet: Any, embedded: tuple[Any, Any]) -> Any:
 
 
 def test_fuzz_grpc(edge: Edge, fleet: Any, embedded: tuple[Any, Any]) -> None:
+    """Random calls, mostly malformed, plus three plain greedy requests of odd text that run
+    on every draw: their streams go through the harness's offset and reference checks (how
+    many random calls stream at all is luck; CI once drew a single OK in 60)."""
     stats: dict[str, int] = {}
-    seen = fuzz_grpc(edge.channel, n=2 * FUZZ_EXAMPLES, metadata=edge.md(), timeout_s=120, documented=GRPC_CODES,
-                     reference=greedy_reference(fleet, embedded), stats=stats)
+    well_formed = [("generate", request(text, N)) for text in ("zq 7 !! the", "1 1 2 3 5 8", "\u00e9t\u00e9 \u2603")]
+    seen = fuzz_grpc(edge.channel, n=2 * FUZZ_EXAMPLES, metadata=edge.md(), timeout_s=300, documented=GRPC_CODES,
+                     reference=greedy_reference(fleet, embedded), stats=stats, examples=well_formed)
     print("gRPC fuzz codes:", seen, "checked:", stats)
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
-    # Streams that succeeded had contiguous offsets (checked in the harness), and the greedy
-    # ones the engine's tokens (tokens_checked of them; a seedless sampled one cannot be).
-    assert stats.get("offsets_checked", 0) > 0, (stats, seen)
+    # Streams that succeeded had contiguous offsets, and the greedy ones the engine's tokens
+    # (a seedless sampled one cannot be checked).
+    assert stats.get("tokens_checked", 0) >= len(well_formed), (stats, seen)
+    assert stats["offsets_checked"] >= stats["tokens_checked"], stats
     wait_free(fleet)  # every cancelled stream freed its KV slot
-
-
-def test_fuzzed_streams_are_checked_against_the_engine(edge: Edge, fleet: Any, embedded: tuple[Any, Any]) -> None:
-    """The reference check of the fuzz harness sees real streams: a few plain greedy
-    requests of random text go through it (the random fuzz may find few of them)."""
-    reference, stats = greedy_reference(fleet, embedded), {}
-    with edge.channel() as ch:
-        s = pb_grpc.GenerationStub(ch)
-        for text in ("zq 7 !! the", "1 1 2 3 5 8", "\u00e9t\u00e9 \u2603"):
-            req = request(text, N)
-            ids, _ = collect(s.Generate(req, metadata=edge.md(), timeout=300))
-            assert ids and ids == reference(req, len(ids))
-            stats["tokens_checked"] = stats.get("tokens_checked", 0) + 1
-    assert stats["tokens_checked"] == 3
 
 
 def test_fuzz_http(fleet: Any) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dspark.v1 import generation_pb2 as pb
@@ -98,13 +98,16 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
               metadata: tuple[tuple[str, str], ...] | None = None, timeout_s: float = 30.0,
               documented: frozenset[str] = GRPC_DOCUMENTED,
               reference: GrpcReference | None = None, stats: dict[str, int] | None = None,
-              derandomize: bool = False) -> dict[str, int]:
+              derandomize: bool = False, examples: Sequence[tuple[str, Any]] = ()) -> dict[str, int]:
     """Send ~n random Generate/Resume/ListModels calls (typed and raw bytes); returns the
     count per status code. Fails on an undocumented code, a deadline (hang), a successful
     stream with a gap or repeat in its offsets or with tokens other than `reference`'s, or
     a server that is not SERVING afterwards. `stats` (if given) counts the streams whose
     offsets ("offsets_checked") and tokens ("tokens_checked") were checked. `derandomize`
-    fixes the examples (the harness's own tests must see the same streams every run)."""
+    fixes the examples (the harness's own tests must see the same streams every run).
+    `examples` are calls (("generate", request), ("raw", bytes), ...) sent before the random
+    ones on every run: random calls are mostly invalid, and whether any of them streams is
+    luck, so a caller that needs checked streams names some."""
     seen: dict[str, int] = {}
     stats = {} if stats is None else stats
     with channel_factory() as channel:
@@ -143,8 +146,6 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
             st.just(("models", pb.ListModelsRequest())),
         )
 
-        @_settings(n, derandomize)
-        @given(calls)
         def one(call: tuple[str, Any]) -> None:
             kind, msg = call
             kw = {"metadata": metadata, "timeout": timeout_s}
@@ -162,7 +163,10 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
                 except grpc.RpcError as e:
                     check(e.code(), "ListModels")
 
-        one()
+        run = given(calls)(one)
+        for call in reversed(examples):
+            run = example(call)(run)
+        _settings(n, derandomize)(run)()
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING, "server not SERVING after fuzzing"
     return seen

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from dspark.v1 import generation_pb2 as pb
 from services.security.admission import Admission
 from services.security.auth import ApiKeyAuth, add_key
 from tests.integration.fuzz.fake_fleet import FakeFleet
@@ -33,11 +34,22 @@ def count_up(*request: object) -> list[int]:
 def test_fuzz_grpc_authenticated(fleet: tuple[FakeFleet, str]) -> None:
     f, key = fleet
     stats: dict[str, int] = {}
+    plain = pb.GenerateRequest(text="hello", sampling=pb.SamplingOptions(max_new_tokens=5))
     seen = fuzz_grpc(lambda: grpc.insecure_channel(f"127.0.0.1:{f.grpc_port}"), n=N,
-                     metadata=(("authorization", f"Bearer {key}"),), reference=count_up, stats=stats)
+                     metadata=(("authorization", f"Bearer {key}"),), reference=count_up, stats=stats,
+                     examples=[("generate", plain)])
     assert seen.get("INVALID_ARGUMENT", 0) > 0 and seen.get("OK", 0) > 0, seen
     assert stats.get("tokens_checked", 0) > 0 and stats["offsets_checked"] >= stats["tokens_checked"], stats
     assert f.state.used_slots == 0  # cancelled streams freed their slots
+
+
+def test_named_examples_run_on_every_draw(fleet: tuple[FakeFleet, str]) -> None:
+    f, key = fleet
+    plain = [("generate", pb.GenerateRequest(text=t, sampling=pb.SamplingOptions(max_new_tokens=3))) for t in "ab"]
+    stats: dict[str, int] = {}
+    fuzz_grpc(lambda: grpc.insecure_channel(f"127.0.0.1:{f.grpc_port}"), n=1,
+              metadata=(("authorization", f"Bearer {key}"),), reference=count_up, stats=stats, examples=plain)
+    assert stats.get("tokens_checked", 0) >= 2, stats
 
 
 def test_fuzz_grpc_catches_wrong_tokens_and_gaps(fleet: tuple[FakeFleet, str], monkeypatch: pytest.MonkeyPatch) -> None:
