@@ -19,24 +19,25 @@ import time
 import torch
 
 from dspark.bench.datasets import load_prompts
-from dspark.engine.build import EngineSpec, build_engine, load_target
+from dspark.engine.build import build_engine, load_target
+from dspark.engine.config import EngineConfig
 from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 
 EVAL = ("gsm8k", "humaneval", "math500", "mbpp", "mt-bench")
 
 
-def parse_variant(text: str, base: EngineSpec) -> tuple[EngineSpec, float]:
+def parse_variant(text: str, base: EngineConfig) -> tuple[EngineConfig, float]:
     """'dspark:fixed:k=3:T=1' -> (engine spec, temperature)."""
     method, *opts = text.split(":")
-    spec, temperature = dataclasses.replace(base, method=method), 0.0
+    spec, temperature = base.replace(method=method), 0.0
     for opt in opts:
         if opt in ("fixed", "threshold", "confidence"):
-            spec = dataclasses.replace(spec, verify_policy=opt)
+            spec = spec.replace(verify_policy=opt)
         elif opt == "nogate":
-            spec = dataclasses.replace(spec, draft_gate=False)
+            spec = spec.replace(draft_gate=False)
         elif opt.startswith("k="):
-            spec = dataclasses.replace(spec, block_size=int(opt[2:]))
+            spec = spec.replace(block_size=int(opt[2:]))
         elif opt.startswith("T="):
             temperature = float(opt[2:])
         else:
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--eval-dir", default=str(eval_dir()))
     args = ap.parse_args()
     prompts = load_prompts([f"{args.eval_dir}/{n}.jsonl" for n in EVAL], args.limit, 0)
-    base = EngineSpec(max_batch_size=1)
+    base = EngineConfig(max_batch_size=1)
     target = load_target(base)
     ids = [target.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True) for p in prompts]
     names = ["ar", *[v for v in args.variants.split(",") if v and v != "ar"]]

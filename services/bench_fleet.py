@@ -21,11 +21,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4, 5
 def _embedded(cfg: Any, max_new: int, streams: int) -> dict[str, float]:
     import torch
 
-    from dspark.engine.build import EngineSpec, build_engine
+    from dspark.engine.build import build_engine
+    from dspark.engine.config import EngineConfig
     from dspark.spec.sampling import SamplingParams
 
     torch.set_num_threads(1)
-    target, engine, _ = build_engine(EngineSpec(model=cfg.model, method=cfg.method, block_size=cfg.block_size,
+    target, engine, _ = build_engine(EngineConfig(model=cfg.model, method=cfg.method, block_size=cfg.block_size,
                                                 max_batch_size=max(streams, 1)))
     prompts = [target.tokenizer.encode(p) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)

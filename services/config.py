@@ -10,17 +10,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dspark.engine.build import EngineSpec
+from dspark.engine.config import EngineConfig, EngineOptions, TargetDtype
 from dspark.errors import UserError
-from dspark.models.registry import DEFAULT_MODEL
-from dspark.models.runtime import default_dtype
 from services.security.config import SecurityConfig
 
 POOL_NAMES = ("prefill", "target", "drafter")
 # Proposers built on the target model (they read its tapped features and share its
 # embeddings): their drafter pool must load the target.
 TARGET_READING_METHODS = ("dspark", "dflash", "hybrid")
-FleetDtype = Literal["auto", "float32", "bfloat16", "int8"]  # the CLI's --dtype choices
+FleetDtype = TargetDtype  # the CLI's --dtype choices
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
 
 
@@ -51,22 +49,16 @@ def _pool(**overrides: object) -> PoolConfig:
     return PoolConfig(**overrides)  # type: ignore[arg-type]
 
 
-class FleetConfig(_Strict):
-    model: str = Field(DEFAULT_MODEL, description="target model: registry name or checkpoint path")
+class FleetConfig(EngineOptions):
+    """The engine options (`dspark.engine.config.EngineOptions`, declared once for the CLI
+    and the fleet) with the fleet's defaults, plus admission, transport, state and pools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)  # YAML and env values
+
     dtype: FleetDtype = Field("auto", description="default dtype of every pool: auto (bfloat16 where "
                               "the replica's CPU has AVX512-BF16/AMX or its GPU has bf16, else float32), "
                               "float32 (the exactness reference), bfloat16, int8 (CPU weight-only)")
-    compile: bool = Field(False, description="compile each replica's decode/verify step (inductor, "
-                          "bucketed token counts): about a minute per replica start, faster steps after")
     method: str = Field("ngram", description="speculation method: ar or a registered proposer")
-    block_size: int = Field(7, ge=0, le=64, description="K: max draft tokens per step")
-    draft_model: str | None = Field(None, description="draft model for method draft-model")
-    drafter_checkpoint: str | None = Field(None, description="DSpark/DFlash drafter checkpoint dir")
-    verify_policy: str = Field("fixed", description="fixed | threshold | confidence (whole target batch)")
-    confidence_threshold: float = Field(0.5, description="threshold policy's cut-off")
-    draft_gate: bool = Field(True, description="confidence policy: skip drafting while it costs more "
-                             "than it returns (the target's draft gate, as in `dspark generate`)")
-    max_seq_len: int = Field(2048, ge=16, description="prompt + output tokens per request")
     max_new_tokens: int = Field(1024, ge=1, description="upper limit a request may ask for")
     default_max_new_tokens: int = Field(256, ge=1, description="when a request does not say")
     max_in_flight: int = Field(64, ge=1, description="requests generating at once (also capped by the "
@@ -104,19 +96,13 @@ class FleetConfig(_Strict):
         base = DEPLOYMENT_NAMES[pool]
         return [base if i == 0 else f"{base}{i}" for i in range(self.pool(pool).replicas)]
 
-    def engine_spec(self, pool: str) -> EngineSpec:
+    def engine_spec(self, pool: str) -> EngineConfig:
         """The pool's engine; `auto` becomes the dtype the pool's device runs best, resolved
         where the replica runs (its machine's CPU flags, not the router's)."""
         p = self.pool(pool)
-        dtype = p.dtype or self.dtype
-        if dtype == "auto":
-            dtype = default_dtype(p.device)
-        return EngineSpec(model=self.model, dtype=dtype, device=p.device,
-                          compile=self.compile if p.compile is None else p.compile,
-                          method=self.method, block_size=self.block_size, draft_model=self.draft_model,
-                          drafter_checkpoint=self.drafter_checkpoint, verify_policy=self.verify_policy,
-                          confidence_threshold=self.confidence_threshold, draft_gate=self.draft_gate,
-                          max_batch_size=p.max_batch_size, max_seq_len=self.max_seq_len)
+        shared = self.model_dump(include=set(EngineOptions.model_fields))
+        shared |= {"dtype": p.dtype or self.dtype, "compile": self.compile if p.compile is None else p.compile}
+        return EngineConfig.of(**shared, device=p.device, max_batch_size=p.max_batch_size).resolved()
 
     def pool_resources(self) -> dict[str, float]:
         """Custom resources a local Ray must offer so every replica fits (simulated pools)."""

@@ -18,7 +18,8 @@ from dspark.bench.llamacpp_peers import LLAMACPP_METHODS
 from dspark.bench.report import write_json, write_report
 from dspark.bench.roofline import copy_bandwidth_gb_s, weight_bytes_per_token
 from dspark.commands.common import add_model_arguments, add_sampling_arguments, sampling_from_args
-from dspark.engine.build import DTYPES, EngineSpec, build_engine, load_target
+from dspark.engine.build import DTYPES, build_engine, load_target
+from dspark.engine.config import EngineConfig
 from dspark.errors import UserError
 
 
@@ -55,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no prompts in the given datasets")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(EngineSpec.from_args(args), verify_policy="fixed", max_batch_size=levels[-1])
+    one = argparse.Namespace(**{**vars(args), "verify_policy": "fixed", "max_batch_size": levels[-1]})
+    base = EngineConfig.from_args(one)  # each run replaces the policy and batch size
+    for policy in policies:  # refuse an unknown name before loading anything
+        base.replace(verify_policy=policy)
     skipped = _skipped_peers(methods, base)
     methods = [m for m in methods if m not in skipped]
     target = load_target(base)
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_level(methods: list[str], policies: list[str], level: int, base: EngineSpec, target: object,
+def _run_level(methods: list[str], policies: list[str], level: int, base: EngineConfig, target: object,
                prompts: list[Prompt], encoded: dict[str, list[int]], params: object,
                args: argparse.Namespace) -> dict[str, RunResult]:
     runs: dict[str, RunResult] = {}
@@ -103,7 +107,7 @@ def _run_level(methods: list[str], policies: list[str], level: int, base: Engine
             continue
         for policy in (["fixed"] if method == "ar" else policies):
             key = method if (method == "ar" or policies == ["fixed"]) else f"{method}:{policy}"
-            spec = dataclasses.replace(base, method=method, verify_policy=policy, max_batch_size=level)
+            spec = base.replace(method=method, verify_policy=policy, max_batch_size=level)
             _, engine, _ = build_engine(spec, target=target)
             engine.runner.warm_up(engine.taps)  # compile every token bucket before the clock runs
             engine.generate([encoded[prompts[0].id]], dataclasses.replace(params, max_new_tokens=8))  # warm-up
@@ -112,7 +116,7 @@ def _run_level(methods: list[str], policies: list[str], level: int, base: Engine
     return runs
 
 
-def _skipped_peers(methods: list[str], spec: EngineSpec) -> dict[str, str]:
+def _skipped_peers(methods: list[str], spec: EngineConfig) -> dict[str, str]:
     """llama.cpp peers that cannot run here, each with the reason (printed once)."""
     from dspark.bench.llamacpp_peers import source_gguf, unavailable_reason
 
@@ -130,7 +134,7 @@ def _skipped_peers(methods: list[str], spec: EngineSpec) -> dict[str, str]:
     return {m: reason for m in wanted}
 
 
-def _peer_generate(method: str, spec: EngineSpec, target: object, params: object):  # -> Callable
+def _peer_generate(method: str, spec: EngineConfig, target: object, params: object):  # -> Callable
     """One prompt at a time through transformers or llama.cpp, on the same weights."""
     if method in HF_METHODS:
         return make_hf_generate(method, str(target.path), DTYPES.get(spec.dtype, torch.bfloat16),  # type: ignore[attr-defined]
@@ -145,7 +149,7 @@ def _peer_generate(method: str, spec: EngineSpec, target: object, params: object
                                   params.temperature, params.top_p, params.top_k, params.seed)  # type: ignore[attr-defined]
 
 
-def _draft_dir(spec: EngineSpec) -> str | None:
+def _draft_dir(spec: EngineConfig) -> str | None:
     if not spec.draft_model:
         return None
     from dspark.models.loader import resolve_model_dir
@@ -167,7 +171,7 @@ def _roofline(target: object, ar_tps: float) -> dict[str, float]:
             "ar_tokens_per_s": ar_tps, "fraction_of_limit": ar_tps / limit}
 
 
-def _meta(args: argparse.Namespace, spec: EngineSpec, target: object, prompts: list[Prompt], methods: list[str],
+def _meta(args: argparse.Namespace, spec: EngineConfig, target: object, prompts: list[Prompt], methods: list[str],
           policies: list[str]) -> dict[str, object]:
     return {
         "model": target.name, "dtype": spec.dtype, "compiled": spec.compile,  # type: ignore[attr-defined]

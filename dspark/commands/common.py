@@ -5,49 +5,50 @@
 `--dtype auto` (the default) picks bf16 where the machine computes it natively (a GPU, or a
 CPU with AVX512-BF16/AMX) and float32 elsewhere; `int8` is weight-only int8 with bf16
 activations (a different target; speculation stays exact relative to it). The parsed options
-become an `EngineSpec`; building the engine from one lives in the library
+become an `EngineConfig` (dspark/engine/config.py declares each option's default and help
+once); building the engine from one lives in the library
 (`dspark.engine.build`), where the fleet's workers build theirs too."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from dspark.engine.build import TARGET_DTYPES
-from dspark.models.registry import DEFAULT_MODEL
+from dspark.engine.config import TARGET_DTYPES, EngineConfig
+
+
+def _field(name: str) -> dict[str, Any]:
+    """argparse `default` and `help` of an option, from its `EngineConfig` field."""
+    info = EngineConfig.model_fields[name]
+    return {"default": info.default, "help": info.description}
 
 
 def add_model_arguments(p: argparse.ArgumentParser, method_default: str | None = None,
                         compile_default: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local checkpoint path")
+    g.add_argument("--model", **_field("model"))
     add_runtime_arguments(g, compile_default)
-    g.add_argument("--method", default=method_default,
-                   help="ar or a registered proposer: ngram, draft-model, dspark, dflash (default: dspark "
-                        "when a shipped drafter exists for the model, else ar)")
-    g.add_argument("--block-size", type=int, default=7, help="K: drafts per round")
-    g.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
-    g.add_argument("--drafter-checkpoint", default=None, help="DSpark/DFlash drafter checkpoint dir")
-    g.add_argument("--verify-policy", default="fixed", help="fixed | threshold | confidence")
-    g.add_argument("--confidence-threshold", type=float, default=0.5)
-    g.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
-                   help="confidence policy: draft every round even when drafting costs more than it returns")
-    g.add_argument("--max-batch-size", type=int, default=16)
-    g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--method", **_field("method") | {"default": method_default})
+    g.add_argument("--block-size", type=int, **_field("block_size"))
+    g.add_argument("--draft-model", **_field("draft_model"))
+    g.add_argument("--drafter-checkpoint", **_field("drafter_checkpoint"))
+    g.add_argument("--verify-policy", **_field("verify_policy"))
+    g.add_argument("--confidence-threshold", type=float, **_field("confidence_threshold"))
+    g.add_argument("--no-draft-gate", dest="draft_gate", action="store_false", help=_field("draft_gate")["help"])
+    g.add_argument("--max-batch-size", type=int, **_field("max_batch_size"))
+    g.add_argument("--max-seq-len", type=int, **_field("max_seq_len"))
 
 
 def add_runtime_arguments(g: argparse._ActionsContainer, compile_default: bool = True) -> None:
     """--dtype, --device, --compile/--no-compile, --threads: how the target runs. Compiling
     costs about a minute per process even with warm kernel caches (two on a cold one), so
-    one-shot commands default to eager."""
-    g.add_argument("--dtype", choices=TARGET_DTYPES, default="auto",
-                   help="auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, else float32; "
-                        "int8: weight-only int8 (bf16 activations)")
-    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
-                   help="torch.compile the decode/verify step (inductor with frozen weights on CPU, "
-                        "CUDA graphs on GPU); compiled once per model, dtype and token bucket")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: $OMP_NUM_THREADS, else the physical cores)")
+    one-shot commands default to eager. The CLI's dtype default is `auto`; the library's
+    (`EngineConfig`) is float32, the exactness reference."""
+    g.add_argument("--dtype", choices=TARGET_DTYPES, default="auto", help=_field("dtype")["help"])
+    g.add_argument("--device", **_field("device"))
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   **_field("compile") | {"default": compile_default})
+    g.add_argument("--threads", type=int, **_field("threads"))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

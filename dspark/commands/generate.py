@@ -12,7 +12,8 @@ import sys
 import time
 
 from dspark.commands.common import add_model_arguments, add_sampling_arguments, sampling_from_args
-from dspark.engine.build import EngineSpec, build_engine
+from dspark.engine.build import build_engine
+from dspark.engine.config import EngineConfig
 from dspark.engine.stop import TextStream
 from dspark.errors import UserError
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.raw and args.system:
         raise UserError("--system needs a chat prompt (drop --raw)")
     params = dataclasses.replace(sampling_from_args(args), stop=tuple(args.stop or ()))  # validated now
-    spec = EngineSpec.from_args(args)
+    spec = EngineConfig.from_args(args)
     target, engine, method = build_engine(spec)
     if args.raw:
         prompt_ids = target.tokenizer.encode(args.prompt)

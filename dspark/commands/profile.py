@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dspark.commands.common import add_model_arguments
-from dspark.engine.build import EngineSpec, load_target
+from dspark.engine.build import load_target
+from dspark.engine.config import EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dspark.engine.profile import load_or_profile, profile_path
 
-    spec = EngineSpec.from_args(args)
+    spec = EngineConfig.from_args(args)
     target = load_target(spec)
     prof = load_or_profile(target, spec.dtype, spec.max_batch_size, spec.block_size, refresh=args.refresh)
     points = dict(zip(prof.batch_tokens, prof.steps_per_second))

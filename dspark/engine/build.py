@@ -1,5 +1,6 @@
-"""How an `EngineSpec` (the options every model-loading command shares) becomes a loaded
-target, a proposer, a verification policy and an `Engine`.
+"""How an `EngineConfig` (dspark/engine/config.py: the options every model-loading command
+and every fleet worker shares) becomes a loaded target, a proposer, a verification policy
+and an `Engine`.
 
 The library floor for these helpers: the CLI (`dspark.commands.common` parses the options),
 the fleet's workers and `services.config` all build from here, so `services` never imports
@@ -9,19 +10,12 @@ the fleet's workers and `services.config` all build from here, so `services` nev
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from dspark.engine.config import TARGET_DTYPES, EngineConfig, default_device
 from dspark.errors import UserError
-from dspark.models.registry import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # parameter dtypes
-TARGET_DTYPES = ("auto", "float32", "bfloat16", "int8")  # --dtype of commands that build an engine
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def register_builtin_proposers() -> None:
@@ -32,40 +26,7 @@ def register_builtin_proposers() -> None:
     import dspark.spec.ngram  # noqa: F401
 
 
-@dataclasses.dataclass
-class EngineSpec:
-    """Everything needed to build one engine; picklable, so Ray workers can rebuild it."""
-
-    model: str = DEFAULT_MODEL
-    dtype: str = "float32"  # float32 | bfloat16 | int8 (the CLI resolves `auto` in from_args)
-    device: str | None = None
-    compile: bool = False  # attach the compiled decode/verify step (dspark/models/compile.py)
-    threads: int | None = None  # torch threads set by load_target; None leaves them alone
-    method: str | None = None
-    block_size: int = 7
-    draft_model: str | None = None
-    drafter_checkpoint: str | None = None
-    verify_policy: str = "fixed"
-    confidence_threshold: float = 0.5
-    draft_gate: bool = True  # confidence policy only: skip drafting while it does not pay (spec/gate.py)
-    max_batch_size: int = 16
-    max_seq_len: int = 2048
-
-    @classmethod
-    def from_args(cls, args: object) -> EngineSpec:
-        """From parsed options (an argparse namespace): the attributes named like fields."""
-        from dspark.models.runtime import default_dtype, default_threads
-
-        names = {f.name for f in dataclasses.fields(cls)}
-        spec = cls(**{k: v for k, v in vars(args).items() if k in names})
-        if spec.dtype == "auto":
-            spec.dtype = default_dtype(spec.device or default_device())
-        if spec.threads is None and "threads" in vars(args):  # the CLI: physical cores by default
-            spec.threads = default_threads()
-        return spec
-
-
-def resolve_method(spec: EngineSpec) -> str:
+def resolve_method(spec: EngineConfig) -> str:
     if spec.method:
         return spec.method
     from dspark.drafter.checkpoint import default_checkpoint
@@ -82,12 +43,13 @@ def param_dtype(dtype: str) -> torch.dtype:
     return PARAM_DTYPES[dtype]
 
 
-def load_target(spec: EngineSpec):  # -> LoadedModel
+def load_target(spec: EngineConfig):  # -> LoadedModel
     """Load the target, lay its weights out for this machine (or quantize them), and attach
     the compiled step when `spec.compile`."""
     from dspark.models.loader import load_model
     from dspark.models.runtime import prepare
 
+    spec = spec.resolved()
     param_dtype(spec.dtype)  # validates
     device = spec.device or default_device()
     if spec.dtype == "int8" and device != "cpu":
@@ -104,25 +66,21 @@ def load_target(spec: EngineSpec):  # -> LoadedModel
     return target
 
 
-def build_engine(spec: EngineSpec, target=None):  # -> tuple[LoadedModel, Engine, str]
+def build_engine(spec: EngineConfig, target=None):  # -> tuple[LoadedModel, Engine, str]
     """Load the target (unless given), the proposer for `spec.method`, and the engine."""
-    from dspark.engine.engine import Engine, EngineConfig
+    from dspark.engine.engine import Engine
 
-    if spec.block_size < 0 or spec.block_size > 64:
-        raise UserError(f"block-size must be in [0, 64], got {spec.block_size}")
+    spec = spec.resolved()
     target = target or load_target(spec)
     method = resolve_method(spec)
     proposer = make_proposer(spec, target, method)
-    config = EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
-                          block_size=spec.block_size, verify_policy=spec.verify_policy,
-                          confidence_threshold=spec.confidence_threshold)
     policy, sps = make_policy(spec, target)
-    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, config, policy, sps,
+    engine = Engine(target.model, target.tokenizer.eos_token_ids, proposer, spec, policy, sps,
                     gate=make_gate(spec, sps, method), tokenizer=target.tokenizer)
     return target, engine, method
 
 
-def make_gate(spec: EngineSpec, sps, method: str):  # -> DraftGate | None
+def make_gate(spec: EngineConfig, sps, method: str):  # -> DraftGate | None
     """The draft gate, for the confidence policy of a speculative method only. The embedded
     engine and a fleet target worker both build it here, so they gate alike."""
     if spec.verify_policy != "confidence" or not spec.draft_gate or sps is None or method == "ar":
@@ -132,7 +90,7 @@ def make_gate(spec: EngineSpec, sps, method: str):  # -> DraftGate | None
     return DraftGate(sps)
 
 
-def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None
+def make_proposer(spec: EngineConfig, target, method: str):  # -> Proposer | None
     """The proposer for `method` ("ar": none). Fleet drafter workers build theirs here too."""
     from dspark.spec.proposer import create_proposer
 
@@ -149,15 +107,13 @@ def make_proposer(spec: EngineSpec, target, method: str):  # -> Proposer | None
         raise UserError(str(e.args[0])) from None
 
 
-def make_policy(spec: EngineSpec, target):  # -> (VerifyPolicy | None, StepCostProfile | None)
+def make_policy(spec: EngineConfig, target):  # -> (VerifyPolicy | None, StepCostProfile | None)
     """The verification policy and, for `confidence`, the target's measured SPS(B) table
     (profiled once per model, dtype, compile setting, thread count and machine, then cached)."""
-    from dspark.spec.scheduler import create_policy, policy_names
+    from dspark.spec.scheduler import create_policy
 
-    if spec.verify_policy == "fixed":
+    if spec.verify_policy == "fixed":  # EngineConfig refused names that are not registered
         return None, None
-    if spec.verify_policy not in policy_names():
-        raise UserError(f"unknown verify policy {spec.verify_policy!r}; known: {', '.join(policy_names())}")
     if spec.verify_policy == "threshold":
         return create_policy("threshold", threshold=spec.confidence_threshold), None
     from dspark.engine.profile import load_or_profile

@@ -16,9 +16,11 @@ import dataclasses
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
+from dspark.engine.config import EngineConfig
 from dspark.engine.sequence import (
     FinishReason,
     RequestOutput,
@@ -39,15 +41,6 @@ from dspark.spec.proposer import Draft, DraftRequest, Proposer
 from dspark.spec.sampling import SamplingParams, draw, make_generator, probs_from_logits
 from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
 from dspark.spec.verify import verify
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 16  # sequences decoded together (also the number of KV slots)
-    max_seq_len: int = 2048  # prompt + output tokens per sequence
-    block_size: int = 7  # K: drafts per round (ignored without a proposer)
-    verify_policy: str = "fixed"  # fixed | threshold | confidence
-    confidence_threshold: float = 0.5
 
 
 @dataclasses.dataclass
@@ -86,8 +79,12 @@ class Engine:
                  proposer: Proposer | None = None, config: EngineConfig | None = None,
                  policy: VerifyPolicy | None = None, sps: StepCostProfile | None = None,
                  feature_layers: tuple[int, ...] | None = None, gate: DraftGate | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None,
+                 on_round: Callable[[Sequence, RoundResult], None] | None = None) -> None:
         self.config = config or EngineConfig()
+        # Called for every sequence of every verified round, before a finished one is reaped
+        # (its proposer state is still there): measurement (dspark/train/rounds.py) hooks in here.
+        self.on_round = on_round
         self.tokenizer = tokenizer  # needed only for requests with stop strings
         self.model = model
         max_len = min(self.config.max_seq_len, model.cfg.max_position_embeddings)
@@ -245,8 +242,11 @@ class Engine:
             seq.record_round(n, res.num_accepted)
             logprobs = _logprobs(logits, res.tokens, seq)
             tokens = self._emit(seq, res.tokens, logprobs)
-            results.append(RoundResult(tokens, n, res.num_accepted, seq.finish_reason,
-                                       None if logprobs is None else logprobs[: len(tokens)]))
+            result = RoundResult(tokens, n, res.num_accepted, seq.finish_reason,
+                                 None if logprobs is None else logprobs[: len(tokens)])
+            if self.on_round is not None:
+                self.on_round(seq, result)
+            results.append(result)
             stats.drafted += n
             stats.accepted += res.num_accepted
             stats.emitted += len(res.tokens)

@@ -2,9 +2,9 @@
 `dspark eval-drafter` (accepted length tau, per-position acceptance) and the dev rounds that
 `dspark calibrate` fits temperatures on.
 
-KV invariant (as in the engine): the target cache holds every committed token except the
-pending anchor. A round writes [x0, x_1..x_l], keeps x0 plus the n accepted drafts, and
-hands their n + 1 features to the drafter; the target's own token becomes the next anchor.
+The rounds are the embedded engine's own (`Engine.verify_round`, observed through its
+`on_round` hook), so what is measured here is what `dspark generate` runs: the same first
+token, the same verification and rollback, the same feature hand-over to the drafter.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import Callable, Collection
 import torch
 
 from dspark.drafter.proposer import DrafterProposer
-from dspark.models.runner import ModelRunner, SeqInput
+from dspark.engine.config import EngineConfig
+from dspark.engine.engine import Engine, RoundResult
+from dspark.engine.sequence import Sequence
 from dspark.models.transformer import CausalLM
-from dspark.spec.proposer import DraftRequest
-from dspark.spec.sampling import SamplingParams, draw, make_generator, probs_from_logits
-from dspark.spec.verify import verify
+from dspark.spec.sampling import SamplingParams
 
 
 @dataclasses.dataclass
@@ -56,38 +56,30 @@ class RoundStats:
                 torch.tensor([r.num_accepted for r in full]))
 
 
-def _first_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    return int(draw(probs_from_logits(logits[None], params), params, gen)[0])
-
-
 @torch.inference_mode()
 def run_rounds(target: CausalLM, proposer: DrafterProposer, prompts: list[list[int]], params: SamplingParams,
                block_size: int, stop_ids: Collection[int] = (),
                on_prompt: Callable[[int], None] | None = None) -> RoundStats:
-    """Generate up to params.max_new_tokens per prompt with draft + verify rounds."""
+    """Generate up to params.max_new_tokens per prompt with draft + verify rounds of the
+    embedded engine (one sequence at a time, every draft verified) and record each round.
+    Prompt i samples with seed `params.seed + i`."""
     rounds: list[Round] = []
-    taps = proposer.feature_layers
-    for i, prompt in enumerate(prompts):
-        gen = make_generator(None if params.seed is None else params.seed + i, target.lm_head.weight.device)
-        cache = target.new_cache(1, len(prompt) + params.max_new_tokens + block_size + 2)
-        runner = ModelRunner(target, cache)
-        slot = cache.allocate()
-        out = runner.forward([SeqInput(slot, prompt)], taps=taps, last_only=True)
-        tokens = list(prompt) + [_first_token(out.logits[0][-1], params, gen)]
-        features = out.taps[0]  # (P, m, d): every prompt position, all before the anchor
-        proposer.start(i, prompt)
-        produced = 1
-        while produced < params.max_new_tokens and tokens[-1] not in stop_ids:
-            (draft,) = proposer.propose([DraftRequest(i, tokens, block_size, params, features, gen)])
-            v = runner.forward([SeqInput(slot, [tokens[-1], *draft.tokens])], taps=taps)
-            res = verify(draft.tokens, draft.probs, v.logits[0], params, gen, stop_ids)
-            rounds.append(Round(len(draft.tokens), res.num_accepted, proposer.last_conf_logits.get(i)))
-            cache.rollback(slot, len(tokens) + res.num_accepted)
-            features = v.taps[0][: res.num_accepted + 1]
-            tokens += res.tokens
-            produced += len(res.tokens)
-            if res.finished_by_stop:
-                break
-        proposer.finish(i)
-        on_prompt and on_prompt(i)
+
+    def record(seq: Sequence, r: RoundResult) -> None:
+        rounds.append(Round(r.drafted, r.accepted, proposer.last_conf_logits.get(seq.seq_id)))
+
+    longest = max((len(p) for p in prompts), default=0)
+    config = EngineConfig(max_batch_size=1, max_seq_len=longest + params.max_new_tokens + block_size + 2,
+                          block_size=block_size)
+    engine = Engine(target, tuple(stop_ids), proposer, config, on_round=record)
+    index = {engine.add_request(p, _nth(params, i)): i for i, p in enumerate(prompts)}
+    while engine.has_work:
+        engine.step()
+        for seq_id in list(engine.finished):
+            engine.pop_finished(seq_id)
+            on_prompt and on_prompt(index[seq_id])
     return RoundStats(rounds)
+
+
+def _nth(params: SamplingParams, i: int) -> SamplingParams:
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)

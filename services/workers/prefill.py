@@ -11,7 +11,7 @@ import time
 import torch
 
 from dspark.engine.build import load_target
-from dspark.engine.engine import Engine, EngineConfig, StepStats
+from dspark.engine.engine import Engine, StepStats
 from dspark.engine.sequence import take_features
 from dspark.kv.handshake import KVSpec
 from dspark.kv.transport import TransferMeta
@@ -29,7 +29,7 @@ class PrefillWorker:
         self.target = load_target(spec)
         # A few slots: a slot only lives while its KV is being shipped.
         self.engine = Engine(self.target.model, self.target.eos_token_ids, None,
-                             EngineConfig(max_batch_size=2, max_seq_len=spec.max_seq_len))
+                             spec.replace(max_batch_size=2))
         self.kv_spec = KVSpec.of_cache(self.engine.cache, self.cfg.model)
         self.info_ = WorkerInfo(deployment, new_peer_id(deployment))
         self.transport = make_transport(self.cfg, self.info_.peer_id)

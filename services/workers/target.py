@@ -14,7 +14,7 @@ import threading
 from ray import serve
 
 from dspark.engine.build import load_target, make_gate, make_policy, resolve_method
-from dspark.engine.engine import Engine, EngineConfig, StepStats
+from dspark.engine.engine import Engine, StepStats
 from dspark.engine.sequence import Sequence, take_features
 from dspark.kv.handshake import KVSpec
 from dspark.spec.sampling import SamplingParams
@@ -30,11 +30,8 @@ class TargetWorker:
         spec = self.cfg.engine_spec("target")
         self.target = load_target(spec)
         policy, sps = make_policy(spec, self.target)
-        self.engine = Engine(self.target.model, self.target.eos_token_ids, None,
-                             EngineConfig(max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
-                                          block_size=spec.block_size, verify_policy=spec.verify_policy,
-                                          confidence_threshold=spec.confidence_threshold),
-                             policy, sps, feature_layers=(), gate=make_gate(spec, sps, resolve_method(spec)))
+        self.engine = Engine(self.target.model, self.target.eos_token_ids, None, spec, policy, sps,
+                             feature_layers=(), gate=make_gate(spec, sps, resolve_method(spec)))
         self.kv_spec = KVSpec.of_cache(self.engine.cache, self.cfg.model)
         self.deployment, self.peer_id = deployment, new_peer_id(deployment)
         self.transport = make_transport(self.cfg, self.peer_id)

@@ -34,10 +34,11 @@ def embedded() -> tuple[object, object]:
     reference every fleet output is compared with (tests/integration/fleet/helpers.py)."""
     import torch
 
-    from dspark.engine.build import EngineSpec, build_engine
+    from dspark.engine.build import build_engine
+    from dspark.engine.config import EngineConfig
 
     torch.set_num_threads(1)
-    target, engine, _ = build_engine(EngineSpec(method="ngram", max_batch_size=4))
+    target, engine, _ = build_engine(EngineConfig(method="ngram", max_batch_size=4))
     return target, engine
 
 

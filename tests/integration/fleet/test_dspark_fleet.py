@@ -122,7 +122,8 @@ def _chat(prompt: str) -> list[dict[str, str]]:
 
 
 def test_dspark_fleet_greedy_equals_embedded(dspark_fleet):
-    from dspark.engine.build import EngineSpec, build_engine
+    from dspark.engine.build import build_engine
+    from dspark.engine.config import EngineConfig
     from dspark.spec.sampling import SamplingParams
 
     assert dspark_fleet.workers["DrafterWorker"].info().feature_layers, "dspark reads target features"
@@ -135,7 +136,7 @@ def test_dspark_fleet_greedy_equals_embedded(dspark_fleet):
         fleet[prompt] = ids, events
 
     # The embedded engine, same model and method (the weights are shared, not re-read).
-    target, engine, method = build_engine(EngineSpec(model=MODEL, method="dspark"), target=dspark_fleet.target)
+    target, engine, method = build_engine(EngineConfig(model=MODEL, method="dspark"), target=dspark_fleet.target)
     assert method == "dspark"
     for prompt in PROMPTS:
         ids, events = fleet[prompt]

@@ -12,7 +12,7 @@ import pytest
 from dspark.bench.llamacpp_peers import GGUF_TYPES, source_gguf, unavailable_reason
 from dspark.cli import main
 from dspark.commands.bench import _skipped_peers
-from dspark.engine.build import EngineSpec
+from dspark.engine.config import EngineConfig
 
 MODEL = "smollm2-135m-instruct"
 
@@ -20,9 +20,9 @@ MODEL = "smollm2-135m-instruct"
 def test_missing_package_skips_both_peers_with_the_build_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails as when not installed
     assert "scripts/build-peers.sh" in (unavailable_reason() or "")
-    skipped = _skipped_peers(["ar", "ngram", "llamacpp-ar", "llamacpp-lookup"], EngineSpec(model=MODEL))
+    skipped = _skipped_peers(["ar", "ngram", "llamacpp-ar", "llamacpp-lookup"], EngineConfig(model=MODEL))
     assert set(skipped) == {"llamacpp-ar", "llamacpp-lookup"}
-    assert _skipped_peers(["ar", "ngram"], EngineSpec(model=MODEL)) == {}
+    assert _skipped_peers(["ar", "ngram"], EngineConfig(model=MODEL)) == {}
 
 
 def test_gguf_source_of_registry_names_files_and_folders(tmp_path: Path) -> None:
@@ -57,10 +57,10 @@ def test_llamacpp_greedy_matches_our_float32_engine() -> None:
     from dspark.spec.sampling import SamplingParams
 
     torch.set_num_threads(1)
-    target = load_target(EngineSpec(model=MODEL))
+    target = load_target(EngineConfig(model=MODEL))
     messages = [{"role": "user", "content": "Name the planets of the solar system."}]
     prompt = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    _, engine, _ = build_engine(EngineSpec(model=MODEL, method="ar", max_batch_size=1), target)
+    _, engine, _ = build_engine(EngineConfig(model=MODEL, method="ar", max_batch_size=1), target)
     [ours] = engine.generate([prompt], SamplingParams(max_new_tokens=16))
     gguf = converted_gguf(source_gguf(MODEL), "float32")
     eos = tuple(target.tokenizer.eos_token_ids)

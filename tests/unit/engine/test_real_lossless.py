@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dspark.drafter.checkpoint import default_checkpoint
-from dspark.engine.build import EngineSpec, build_engine, load_target
+from dspark.engine.build import build_engine, load_target
+from dspark.engine.config import EngineConfig
 from dspark.paths import eval_dir
 from dspark.spec.sampling import SamplingParams
 
@@ -24,7 +25,7 @@ FALLBACK = ["Write a Python function that checks whether a string is a palindrom
 @pytest.fixture(scope="module")
 def setup():  # noqa: ANN201
     torch.set_num_threads(1)
-    target = load_target(EngineSpec(model=MODEL))
+    target = load_target(EngineConfig(model=MODEL))
     prompts = []
     for f in sorted(eval_dir().glob("*.jsonl")):
         for line in f.read_text().splitlines()[:2]:
@@ -34,7 +35,7 @@ def setup():  # noqa: ANN201
         prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                    for q in FALLBACK]
     params = SamplingParams(max_new_tokens=40)
-    _, ar, _ = build_engine(EngineSpec(model=MODEL, method="ar", max_batch_size=len(prompts)), target)
+    _, ar, _ = build_engine(EngineConfig(model=MODEL, method="ar", max_batch_size=len(prompts)), target)
     return target, prompts, params, [o.token_ids for o in ar.generate(prompts, params)]
 
 
@@ -46,7 +47,7 @@ def _methods() -> list[str]:
 @pytest.mark.parametrize("method", _methods())
 def test_real_model_greedy_speculation_equals_ar(setup, method: str) -> None:  # noqa: ANN001
     target, prompts, params, ar = setup
-    spec = EngineSpec(model=MODEL, method=method, block_size=7, max_batch_size=4)
+    spec = EngineConfig(model=MODEL, method=method, block_size=7, max_batch_size=4)
     _, engine, _ = build_engine(spec, target)
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == ar

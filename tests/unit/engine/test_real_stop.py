@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dspark.drafter.checkpoint import default_checkpoint
-from dspark.engine.build import EngineSpec, build_engine, load_target
+from dspark.engine.build import build_engine, load_target
+from dspark.engine.config import EngineConfig
 from dspark.spec.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -21,9 +22,9 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def setup():  # noqa: ANN201
     torch.set_num_threads(1)
-    target = load_target(EngineSpec(model=MODEL))
+    target = load_target(EngineConfig(model=MODEL))
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-    _, ar, _ = build_engine(EngineSpec(model=MODEL, method="ar", max_batch_size=2), target)
+    _, ar, _ = build_engine(EngineConfig(model=MODEL, method="ar", max_batch_size=2), target)
     outs = ar.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW))
     return target, prompts, [o.token_ids for o in outs]
 
@@ -37,7 +38,7 @@ def _methods() -> list[str]:
 def test_greedy_stop_equals_ar_cut_at_the_stop(setup, method: str) -> None:  # noqa: ANN001
     target, prompts, ar = setup
     tok = target.tokenizer
-    _, engine, _ = build_engine(EngineSpec(model=MODEL, method=method, block_size=7, max_batch_size=2), target)
+    _, engine, _ = build_engine(EngineConfig(model=MODEL, method=method, block_size=7, max_batch_size=2), target)
     stops, expected_ids, expected_text = [], [], []
     for ids in ar:
         full = tok.decode(ids, skip_special_tokens=True)

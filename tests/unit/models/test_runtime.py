@@ -42,14 +42,15 @@ def test_cli_auto_dtype_resolves_before_loading(monkeypatch: pytest.MonkeyPatch)
     import argparse
 
     from dspark.commands.common import add_model_arguments
-    from dspark.engine.build import EngineSpec
+    from dspark.engine.config import EngineConfig
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**AVX2_ONLY, "amx_bf16": True})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     p = argparse.ArgumentParser()
     add_model_arguments(p)
-    spec = EngineSpec.from_args(p.parse_args(["--device", "cpu"]))
+    spec = EngineConfig.from_args(p.parse_args(["--device", "cpu"]))
     assert (spec.dtype, spec.compile, spec.threads) == ("bfloat16", True, 4)
-    spec = EngineSpec.from_args(p.parse_args(["--device", "cpu", "--dtype", "int8", "--no-compile", "--threads", "2"]))
+    args = ["--device", "cpu", "--dtype", "int8", "--no-compile", "--threads", "2"]
+    spec = EngineConfig.from_args(p.parse_args(args))
     assert (spec.dtype, spec.compile, spec.threads) == ("int8", False, 2)
-    assert EngineSpec().dtype == "float32" and not EngineSpec().compile  # the library default: the reference
+    assert EngineConfig().dtype == "float32" and not EngineConfig().compile  # the library default: the reference

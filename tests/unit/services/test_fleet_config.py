@@ -24,10 +24,10 @@ def test_shipped_fleet_yaml_is_valid():
 def test_auto_dtype_resolves_per_pool_device(monkeypatch):
     """`auto` is decided by each pool's device (where its replicas run), and a pool's own
     dtype or compile setting overrides the fleet's."""
-    import services.config as config
+    import dspark.models.runtime as runtime
 
     seen = []
-    monkeypatch.setattr(config, "default_dtype", lambda device: seen.append(device) or
+    monkeypatch.setattr(runtime, "default_dtype", lambda device: seen.append(device) or
                         ("bfloat16" if device == "cuda" else "float32"))
     pools = {"prefill": {"device": "cpu"}, "target": {"device": "cuda", "compile": False},
              "drafter": {"device": "cpu", "dtype": "int8"}}

@@ -3,7 +3,7 @@
 No Ray: the real `Router` (and a real redis-server for its token log) drives the real
 prefill, target and drafter worker classes in this process through `InProcessWorkerClient`s;
 KV and features travel over an in-memory channel. The embedded engine is built from the
-same `EngineSpec` (`FleetConfig.engine_spec`) and shares the target's weights.
+same `EngineConfig` (`FleetConfig.engine_spec`) and shares the target's weights.
 
 The draft gate decides from measured drafting times; here every drafting pass is weighed at
 a fixed cost (`FixedCostGate`) against a fixed SPS profile, so its decisions depend only on
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dspark.engine import build, profile
-from dspark.engine.build import EngineSpec
+from dspark.engine.config import EngineConfig
 from dspark.kv.transport import ChannelTransport
 from dspark.spec import gate as gate_mod
 from dspark.spec.gate import DraftGate
@@ -183,7 +183,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def shared_target() -> Any:
-    return build.load_target(EngineSpec(model=MODEL, dtype="float32", device="cpu"))
+    return build.load_target(EngineConfig(model=MODEL, dtype="float32", device="cpu"))
 
 
 @pytest.fixture
@@ -278,7 +278,7 @@ def test_a_gate_that_skips_never_calls_the_drafter_and_the_output_is_ar(make_fle
     calls: list[Any] = []
     propose = fleet.drafter._propose
     monkeypatch.setattr(fleet.drafter, "_propose", lambda batch: calls.append(batch) or propose(batch))
-    _, ar, _ = build.build_engine(EngineSpec(model=MODEL, method="ar", max_seq_len=256), target=shared_target)
+    _, ar, _ = build.build_engine(EngineConfig(model=MODEL, method="ar", max_seq_len=256), target=shared_target)
     for prompt in PROMPTS:
         ids = prompt_ids(fleet, prompt)
         events = fleet.generate(ids)
@@ -293,7 +293,7 @@ def test_features_of_skipped_rounds_all_reach_the_drafter(make_fleet: Any, share
     """Six plain rounds, then drafting: the first drafting pass gets the features of every
     position committed meanwhile (the router keeps them all, not just the last round's)."""
     fleet = make_fleet("dspark", "confidence", gate=lambda sps: ScriptedGate(sps, skips=6))
-    _, ar, _ = build.build_engine(EngineSpec(model=MODEL, method="ar", max_seq_len=256), target=shared_target)
+    _, ar, _ = build.build_engine(EngineConfig(model=MODEL, method="ar", max_seq_len=256), target=shared_target)
     ids = prompt_ids(fleet, PROMPTS[0])
     events = fleet.generate(ids)
     assert tokens_of(events) == ar.generate([ids], GREEDY)[0].token_ids

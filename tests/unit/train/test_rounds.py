@@ -43,6 +43,11 @@ def test_greedy_rounds_reproduce_target_greedy_decoding() -> None:
     assert last == _greedy_ar(target, prompt, len(last))
     z, n = stats.calibration_data(4)
     assert z.shape[1] == 4 and n.shape[0] == z.shape[0]
+    # The last round finished the sequence (the proposer forgets it then): its confidences
+    # are still recorded, with one logit per verified draft.
+    assert all(r.conf_logits is not None and r.conf_logits.shape == (r.num_drafted,)
+               for r in stats.rounds if r.num_drafted)
+    assert 1 + sum(r.num_accepted + 1 for r in stats.rounds) == params.max_new_tokens  # first token + rounds
 
 
 def test_round_statistics_by_hand() -> None:
