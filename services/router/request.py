@@ -90,7 +90,8 @@ class Request:
         self.drafter = ""
         self.drafter_state = DrafterState.NONE
         self.drafter_states: list[DrafterState] = [DrafterState.NONE]
-        self.drafter_info: WorkerInfo | None = None  # the last drafter's health answer
+        self.drafter_info: WorkerInfo | None = None  # the last drafter's health answer; kept after
+        # a loss: a method that reads target features cannot take a replacement mid-request
         self.retry_at = 0.0  # FALLBACK: monotonic time of the next attach attempt
         self.attach: asyncio.Task | None = None  # FALLBACK: a background attach under way
         # Tapped target features of committed positions not yet handed to the drafter: every
