@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -130,6 +130,44 @@ class Engine:
         if params.stop:
             seq.text = TextStream(self.tokenizer, params.stop)  # type: ignore[arg-type]
         return seq
+
+    # -- sequences driven from outside: the fleet's prefill and target workers ------------
+    def open_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A validated sequence holding a KV slot, not queued: the caller fills its KV
+        (`prefill`, or `import_kv_layer` + `imported`), runs `verify_round` on it and gives
+        the slot back with `close_sequence`."""
+        seq = self.new_sequence(prompt_ids, params)
+        seq.slot = self.cache.allocate()
+        return seq
+
+    def import_kv_layer(self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's KV of the sequence's committed positions, from another engine."""
+        self.cache.import_layer(seq.slot, layer, k, v)
+
+    def imported(self, seq: Sequence, num_tokens: int, output_ids: list[int]) -> None:
+        """The KV of `num_tokens` positions is in; the sequence continues after `output_ids`
+        (its last token is the pending anchor, not in the KV: the engine's invariant)."""
+        self.cache.set_length(seq.slot, num_tokens)
+        seq.output_ids = list(output_ids)
+
+    def export_kv(self, seq: Sequence) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """(positions in the KV, an iterator of (k, v) per layer) of the sequence."""
+        return self.cache.lengths[seq.slot], self.cache.export_layers(seq.slot)
+
+    def close_sequence(self, seq: Sequence) -> None:
+        """Free the sequence's KV slot (idempotent)."""
+        if seq.slot is not None and seq.slot >= 0:
+            self.cache.free(seq.slot)
+            seq.slot = -1
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.cache.num_free
+
+    @property
+    def max_context(self) -> int:
+        """Tokens a sequence may hold (prompt + output)."""
+        return self.cache.max_len
 
     def abort(self, seq_id: int) -> None:
         for seq in itertools.chain(self.waiting, self.running):

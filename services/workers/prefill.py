@@ -50,22 +50,21 @@ class PrefillWorker:
                  feature_layers: tuple[int, ...]) -> PrefillResult:
         with self._lock:
             self.engine.taps = tuple(feature_layers)
-            seq = self.engine.new_sequence(token_ids, params)
-            seq.slot = self.engine.cache.allocate()
+            seq = self.engine.open_sequence(token_ids, params)
             try:
                 t0 = time.perf_counter()
                 self.engine.prefill([seq], StepStats())
                 t1 = time.perf_counter()
                 first = seq.output_ids[0]
-                n = self.engine.cache.lengths[seq.slot]
+                n, layers = self.engine.export_kv(seq)
                 meta = TransferMeta(self.kv_spec, request_id, n)
-                self.transport.send_kv(target_peer, self.engine.cache.export_layers(seq.slot), meta,
+                self.transport.send_kv(target_peer, layers, meta,
                                        [torch.tensor([first], dtype=torch.int64)])
                 if drafter_peer is not None and seq.pending_features:
                     self.transport.send_tensors(drafter_peer, request_id, [take_features(seq.pending_features)])
                 t2 = time.perf_counter()
             finally:
-                self.engine.cache.free(seq.slot)
+                self.engine.close_sequence(seq)
         elem = self.kv_spec.dtype.itemsize * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
         reason = seq.finish_reason.value if seq.finished else None
         return PrefillResult(first, reason, n, 2 * self.kv_spec.num_layers * n * elem, t1 - t0, t2 - t1,

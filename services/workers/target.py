@@ -43,11 +43,11 @@ class TargetWorker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.deployment, self.peer_id, eos_token_ids=self.target.eos_token_ids,
-                          max_context=self.engine.cache.max_len, num_free_slots=self.engine.cache.num_free,
+                          max_context=self.engine.max_context, num_free_slots=self.engine.num_free_slots,
                           vocab_size=self.target.config.vocab_size)
 
     def num_free_slots(self) -> int:
-        return self.engine.cache.num_free
+        return self.engine.num_free_slots
 
     # -- admission: KV from a prefill worker ----------------------------------------------
     async def receive(self, request_id: str, prefill_peer: str, prompt_ids: list[int],
@@ -65,23 +65,20 @@ class TargetWorker:
         with self._lock:
             self._free(request_id)  # a retried admission replaces the old state
             self.engine.taps = tuple(feature_layers)
-            seq = self.engine.new_sequence(prompt_ids, params)
-            seq.slot = self.engine.cache.allocate()
+            seq = self.engine.open_sequence(prompt_ids, params)
         try:
             # Layers land in this request's own slot while others verify (disjoint rows).
             got = self.transport.recv_kv(prefill_peer, self.kv_spec, lambda i, k, v:
-                                         self.engine.cache.import_layer(seq.slot, i, k, v))
+                                         self.engine.import_kv_layer(seq, i, k, v))
             if got.request_id != request_id:
                 raise RuntimeError(f"KV for {got.request_id} arrived while expecting {request_id}")
         except BaseException:
             with self._lock:
-                self.engine.cache.free(seq.slot)
+                self.engine.close_sequence(seq)
             raise
         first = int(got.extras[0][0])
         with self._lock:
-            self.engine.cache.set_length(seq.slot, got.num_tokens)
-            # KV invariant: the cache holds every committed token but the last (the anchor).
-            seq.output_ids = list(committed) if committed else [first]
+            self.engine.imported(seq, got.num_tokens, list(committed) if committed else [first])
             self.seqs[request_id] = seq
             return ReceiveReply(self.engine.max_drafts(seq), self.engine.draft_next)
 
@@ -124,6 +121,6 @@ class TargetWorker:
     def _free(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            self.engine.cache.free(seq.slot)
+            self.engine.close_sequence(seq)
         return seq is not None
 
