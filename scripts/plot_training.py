@@ -8,6 +8,7 @@ as one curve: anchors continue where the previous stage stopped.
     .venv/bin/python scripts/plot_training.py --ab paper direct          # the A/B arms
     .venv/bin/python scripts/plot_training.py --runs dspark dflash       # the shipped runs
     .venv/bin/python scripts/plot_training.py --ab paper "s4=run-dspark" # label=run directory
+    .venv/bin/python scripts/plot_training.py --ab "cont=warm-b4+warm-b4-2" # arms chained as stages
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def stages(run: Path) -> list[Path]:
     return out
 
 
-def curve(run: Path, name: str = "eval.jsonl") -> list[dict]:
+def curve(run: Path | list[Path], name: str = "eval.jsonl") -> list[dict]:
     recs, offset = [], 0
-    for part in stages(run):
+    for part in (run if isinstance(run, list) else stages(run)):
         rows = read(part / name)
         for r in rows:
             recs.append({**r, "anchors_seen": r.get("anchors_seen", 0) + offset})
@@ -59,7 +60,10 @@ def main() -> None:
         runs = {}
         for arm in args.ab:
             label, _, path = arm.partition("=")
-            runs[label] = ROOT / path if path else ROOT / "ab" / arm
+            if "+" in path:  # stages in other directories: "label=armA+armB" (anchors continue)
+                runs[label] = [ROOT / "ab" / part for part in path.split("+")]
+            else:
+                runs[label] = ROOT / path if path else ROOT / "ab" / arm
         out = args.out or "docs/img/drafter-ab.png"
     else:
         runs = {name: ROOT / f"run-{name}" for name in (args.runs or ["dspark", "dflash"])}
