@@ -18,7 +18,6 @@ POOL_NAMES = ("prefill", "target", "drafter")
 # Proposers built on the target model (they read its tapped features and share its
 # embeddings): their drafter pool must load the target.
 TARGET_READING_METHODS = ("dspark", "dflash", "hybrid")
-FleetDtype = TargetDtype  # the CLI's --dtype choices
 DEPLOYMENT_NAMES = {"prefill": "PrefillWorker", "target": "TargetWorker", "drafter": "DrafterWorker"}
 
 
@@ -35,7 +34,7 @@ class PoolConfig(_Strict):
                                         "replica, e.g. {pool_target: 0.5}: pins the replica to its pool's nodes")
     accelerator_type: str | None = Field(None, description="Ray accelerator_type constraint (e.g. H100)")
     device: str = Field("cpu", description="torch device of the replica: cpu | cuda")
-    dtype: FleetDtype | None = Field(None, description="override of the fleet dtype")
+    dtype: TargetDtype | None = Field(None, description="override of the fleet dtype")
     compile: bool | None = Field(None, description="override of the fleet's compile setting")
     hourly_cost: float = Field(0.0, ge=0, description="USD per replica-hour, exported for cost per token")
     max_batch_size: int = Field(16, ge=1, description="calls batched into one forward (Serve dynamic "
@@ -55,7 +54,7 @@ class FleetConfig(EngineOptions):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)  # YAML and env values
 
-    dtype: FleetDtype = Field("auto", description="default dtype of every pool: auto (bfloat16 where "
+    dtype: TargetDtype = Field("auto", description="default dtype of every pool: auto (bfloat16 where "
                               "the replica's CPU has AVX512-BF16/AMX or its GPU has bf16, else float32), "
                               "float32 (the exactness reference), bfloat16, int8 (CPU weight-only)")
     method: str = Field("ngram", description="speculation method: ar or a registered proposer")

@@ -244,8 +244,8 @@ def _attach_ray(address: str, attempts: int = CLIENT_ATTACH_ATTEMPTS, first_wait
         except ConnectionError as e:  # ConnectionAbortedError (the server died) is one
             if not address.startswith("ray://") or attempt == attempts:
                 raise
-            first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            print(f"fleet start: could not attach to {address} ({first_line}); attempt {attempt + 1} of "
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # Ray's last line
+            print(f"fleet start: could not attach to {address} ({reason}); attempt {attempt + 1} of "
                   f"{attempts} in {wait_s:.0f}s", file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):
                 ray.shutdown()

@@ -66,7 +66,7 @@ def run_engine(key: str, engine: Engine, prompts: list[Prompt], encode: Callable
     cpus: dict[str, float] = {}
     for category, group in groups:
         t0, c0 = time.perf_counter(), time.process_time()
-        ids = [engine.add_request(encode(p), _seeded(params, i)) for i, p in enumerate(group)]
+        ids = [engine.add_request(encode(p), params.nth(i)) for i, p in enumerate(group)]
         while engine.has_work:
             stats = engine.step()
             steps.append(stats)
@@ -102,12 +102,6 @@ def run_callable(key: str, prompts: list[Prompt], generate: Callable[[Prompt], l
         walls[category] = time.perf_counter() - t0
         cpus[category] = time.process_time() - c0
     return RunResult(key, 1, results, walls, cpu_by_category=cpus)
-
-
-def _seeded(params: SamplingParams, index: int) -> SamplingParams:
-    if params.seed is None:
-        return params
-    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def _by_category(prompts: Iterable[Prompt]) -> list[tuple[str, list[Prompt]]]:

@@ -156,7 +156,7 @@ class Engine:
 
     def close_sequence(self, seq: Sequence) -> None:
         """Free the sequence's KV slot (idempotent)."""
-        if seq.slot is not None and seq.slot >= 0:
+        if seq.slot >= 0:
             self.cache.free(seq.slot)
             seq.slot = -1
 

@@ -51,6 +51,11 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise UserError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
+    def nth(self, i: int) -> SamplingParams:
+        """The parameters of the i-th of several seeded runs (prompts, choices): seed + i,
+        so they differ but each replays exactly; unseeded parameters stay unseeded."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + i)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -72,14 +72,10 @@ def run_rounds(target: CausalLM, proposer: DrafterProposer, prompts: list[list[i
     config = EngineConfig(max_batch_size=1, max_seq_len=longest + params.max_new_tokens + block_size + 2,
                           block_size=block_size)
     engine = Engine(target, tuple(stop_ids), proposer, config, on_round=record)
-    index = {engine.add_request(p, _nth(params, i)): i for i, p in enumerate(prompts)}
+    index = {engine.add_request(p, params.nth(i)): i for i, p in enumerate(prompts)}
     while engine.has_work:
         engine.step()
         for seq_id in list(engine.finished):
             engine.pop_finished(seq_id)
             on_prompt and on_prompt(index[seq_id])
     return RoundStats(rounds)
-
-
-def _nth(params: SamplingParams, i: int) -> SamplingParams:
-    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)

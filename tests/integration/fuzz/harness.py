@@ -106,19 +106,21 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
     offsets ("offsets_checked") and tokens ("tokens_checked") were checked. `derandomize`
     fixes the examples (the harness's own tests must see the same streams every run).
     `examples` are calls (("generate", request), ("raw", bytes), ...) sent before the random
-    ones on every run: random calls are mostly invalid, and whether any of them streams is
-    luck, so a caller that needs checked streams names some."""
+    ones on every run, and each must succeed with tokens: random calls are mostly invalid,
+    and whether any of them streams is luck, so a caller that needs checked streams names some."""
     seen: dict[str, int] = {}
     stats = {} if stats is None else stats
     with channel_factory() as channel:
         stub = pb_grpc.GenerationStub(channel)
         raw_generate = channel.unary_stream("/dspark.v1.Generation/Generate")  # bytes in, bytes out
 
-        def check(code: grpc.StatusCode, what: str) -> None:
+        def check(code: grpc.StatusCode, what: str, required: bool = False) -> None:
             seen[code.name] = seen.get(code.name, 0) + 1
             assert code.name in documented, f"{what} -> undocumented {code.name}"
+            assert not required or code == grpc.StatusCode.OK, f"{what}: a named example failed with {code.name}"
 
-        def stream(call: Any, what: str, start: int = 0, request: pb.GenerateRequest | None = None) -> None:
+        def stream(call: Any, what: str, start: int = 0, request: pb.GenerateRequest | None = None,
+                   required: bool = False) -> None:
             ids: list[int] = []
             try:
                 for i, m in enumerate(call):
@@ -130,9 +132,10 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
                 check(grpc.StatusCode.OK, what)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED or not call.cancelled():
-                    check(e.code(), f"{what}: {e.details()}")
+                    check(e.code(), f"{what}: {e.details()}", required)
                     return
                 check(grpc.StatusCode.OK, what)  # our own cancel after MAX_MESSAGES
+            assert ids or not required, f"{what}: a named example streamed no tokens"
             stats["offsets_checked"] = stats.get("offsets_checked", 0) + 1
             expected = None if reference is None or request is None or not ids else reference(request, len(ids))
             if expected is not None:
@@ -148,20 +151,22 @@ def fuzz_grpc(channel_factory: Callable[[], grpc.Channel], n: int = 100,
 
         def one(call: tuple[str, Any]) -> None:
             kind, msg = call
+            required = any(call is named for named in examples)  # a named example must succeed
             kw = {"metadata": metadata, "timeout": timeout_s}
             if kind == "generate":
-                stream(stub.Generate(msg, **kw), f"Generate({_short(msg)})", request=msg)
+                stream(stub.Generate(msg, **kw), f"Generate({_short(msg)})", request=msg, required=required)
             elif kind == "raw":
-                call = raw_generate(msg, **kw)
-                stream(_parsed_stream(call), f"Generate(raw {msg[:40]!r})", request=_parse_request(msg))
+                raw = raw_generate(msg, **kw)
+                stream(_parsed_stream(raw), f"Generate(raw {msg[:40]!r})", request=_parse_request(msg),
+                       required=required)
             elif kind == "resume":
-                stream(stub.Resume(msg, **kw), f"Resume({_short(msg)})", start=msg.offset)
+                stream(stub.Resume(msg, **kw), f"Resume({_short(msg)})", start=msg.offset, required=required)
             else:
                 try:
                     stub.ListModels(msg, **kw)
                     check(grpc.StatusCode.OK, "ListModels")
                 except grpc.RpcError as e:
-                    check(e.code(), "ListModels")
+                    check(e.code(), "ListModels", required)
 
         run = given(calls)(one)
         for call in reversed(examples):

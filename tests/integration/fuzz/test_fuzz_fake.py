@@ -50,6 +50,10 @@ def test_named_examples_run_on_every_draw(fleet: tuple[FakeFleet, str]) -> None:
     fuzz_grpc(lambda: grpc.insecure_channel(f"127.0.0.1:{f.grpc_port}"), n=1,
               metadata=(("authorization", f"Bearer {key}"),), reference=count_up, stats=stats, examples=plain)
     assert stats.get("tokens_checked", 0) >= 2, stats
+    refused = [("generate", pb.GenerateRequest(sampling=pb.SamplingOptions(max_new_tokens=3)))]  # no prompt
+    with pytest.raises(AssertionError, match="a named example failed with INVALID_ARGUMENT"):
+        fuzz_grpc(lambda: grpc.insecure_channel(f"127.0.0.1:{f.grpc_port}"), n=1,
+                  metadata=(("authorization", f"Bearer {key}"),), examples=refused)
 
 
 def test_fuzz_grpc_catches_wrong_tokens_and_gaps(fleet: tuple[FakeFleet, str], monkeypatch: pytest.MonkeyPatch) -> None:

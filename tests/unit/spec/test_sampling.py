@@ -198,3 +198,11 @@ def test_candidate_shortcut_decides_bf16_ties_below_the_nucleus(monkeypatch) -> 
     flat = torch.zeros(1, 3000)  # all tied: the nucleus needs an order among the tied tokens
     torch.testing.assert_close(probs_from_logits(flat, SamplingParams(temperature=1.0, top_p=0.5)),
                                _full_sort(flat, SamplingParams(temperature=1.0, top_p=0.5), monkeypatch))
+
+
+def test_nth_offsets_the_seed_and_keeps_unseeded_runs_unseeded() -> None:
+    p = SamplingParams(temperature=1.0, seed=7, max_new_tokens=3)
+    assert [p.nth(i).seed for i in range(3)] == [7, 8, 9]
+    assert p.nth(2).temperature == 1.0 and p.nth(2).max_new_tokens == 3
+    unseeded = SamplingParams(temperature=1.0)
+    assert unseeded.nth(5) is unseeded
