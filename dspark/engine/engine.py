@@ -62,16 +62,25 @@ class StepStats:
 
 @dataclasses.dataclass(frozen=True)
 class RoundResult:
-    """One sequence's outcome of a round (`verify_round`); `StepStats` keeps the batch's.
-    The round's tapped features are not here: they join the sequence's `pending_features`
-    (the engine's own proposer may take them rounds later; a fleet target worker takes
-    them every round with `take_features`)."""
+    """One sequence's outcome of a round (`verify_round`, or `prefill`: its first token,
+    nothing drafted); `StepStats` keeps the batch's. What a fleet worker replies is built
+    from this alone: it never reads the sequence itself."""
 
     tokens: list[int]  # committed: accepted drafts + the target's token, cut at a stop / the length limit
     drafted: int  # drafts verified (the policy may verify fewer than were proposed)
     accepted: int
     finish_reason: FinishReason | None  # set when this round finished the sequence
     logprobs: list[TokenLogprob] | None  # one per token, when the request asks
+    max_drafts: int = 0  # drafts the next round can use (0 once finished)
+    # (n, m, d) tapped features of the positions this round committed to the KV, for a
+    # drafter elsewhere; None in an engine with its own proposer (it takes them from the
+    # sequence when it next drafts, which a gated-off round postpones) or without taps.
+    features: torch.Tensor | None = None
+
+    @property
+    def verify_tokens(self) -> int:
+        """This sequence's tokens in the verification forward (anchor + drafts)."""
+        return 1 + self.drafted
 
 
 class Engine:
@@ -116,9 +125,10 @@ class Engine:
         return seq.seq_id
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams,
-                     on_tokens: StreamCallback | None = None) -> Sequence:
+                     on_tokens: StreamCallback | None = None, taps: tuple[int, ...] | None = None) -> Sequence:
         """A validated `Sequence` (stop ids, RNG) not yet queued: `add_request` queues it,
-        fleet workers drive it through `prefill` / `verify_round` themselves."""
+        fleet workers drive it through `prefill` / `verify_round` themselves. `taps`: the
+        target layers its drafter reads (default: this engine's proposer's)."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= self.cache.max_len:
@@ -126,17 +136,21 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need an engine built with a tokenizer")
         seq = Sequence(next(self._ids), list(prompt_ids), params, stop_token_ids(params, self.eos_token_ids),
-                       make_generator(params.seed, self.runner.device), on_tokens)
+                       make_generator(params.seed, self.runner.device), on_tokens,
+                       taps=self.taps if taps is None else tuple(taps))
         if params.stop:
             seq.text = TextStream(self.tokenizer, params.stop)  # type: ignore[arg-type]
         return seq
 
     # -- sequences driven from outside: the fleet's prefill and target workers ------------
-    def open_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def open_sequence(self, prompt_ids: list[int], params: SamplingParams,
+                      taps: tuple[int, ...] = ()) -> Sequence:
         """A validated sequence holding a KV slot, not queued: the caller fills its KV
         (`prefill`, or `import_kv_layer` + `imported`), runs `verify_round` on it and gives
-        the slot back with `close_sequence`."""
-        seq = self.new_sequence(prompt_ids, params)
+        the slot back with `close_sequence`. The caller treats it as a handle: what it needs
+        comes back in `RoundResult`s, with the features of `taps` (a remote drafter's
+        layers) for every position committed to the KV."""
+        seq = self.new_sequence(prompt_ids, params, taps=taps)
         seq.slot = self.cache.allocate()
         return seq
 
@@ -222,21 +236,34 @@ class Engine:
         # Slot order: a full batch then reads its KV through a view (slot_range), not a gather.
         self.running.sort(key=lambda s: s.slot)
 
-    def prefill(self, seqs: list[Sequence], stats: StepStats) -> None:
+    def prefill(self, seqs: list[Sequence], stats: StepStats) -> list[RoundResult]:
         """Batched forwards over the prompts of `seqs` (slots already allocated): fills their
-        KV, samples each first token (emitted) and keeps the prompt's tapped features in
-        `pending_features`. Public so a fleet prefill worker runs exactly this."""
+        KV, samples each first token (emitted) and keeps the prompt's tapped features.
+        Public so a fleet prefill worker runs exactly this; returns each sequence's first
+        token as a `RoundResult` (nothing drafted), in order."""
         t0 = time.perf_counter()
+        results: dict[int, RoundResult] = {}
         for group in length_groups(seqs):
-            out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in group], self.taps, last_only=True)
+            taps = _forward_taps(group)
+            out = self.runner.forward([SeqInput(s.slot, s.prompt_ids) for s in group], taps, last_only=True)
             for b, seq in enumerate(group):
                 logits = process_logits(out.logits[b][-1:], seq.params, seq.output_ids)  # (1, V)
                 token = self._sample_one(logits, seq)
-                if out.taps is not None:
+                if seq.taps and out.taps is not None:
                     seq.pending_features.append(out.taps[b])
-                self._emit(seq, [token], _logprobs(logits, [token], seq))
+                logprobs = _logprobs(logits, [token], seq)
+                tokens = self._emit(seq, [token], logprobs)
+                results[id(seq)] = self._result(seq, tokens, 0, 0, logprobs)
         stats.num_prefill = len(seqs)
         stats.prefill_s = time.perf_counter() - t0
+        return [results[id(s)] for s in seqs]
+
+    def _result(self, seq: Sequence, tokens: list[int], drafted: int, accepted: int,
+                logprobs: list[TokenLogprob] | None) -> RoundResult:
+        features = take_features(seq.pending_features) if self.proposer is None and seq.taps else None
+        return RoundResult(tokens, drafted, accepted, seq.finish_reason,
+                           None if logprobs is None else logprobs[: len(tokens)],
+                           0 if seq.finished else self.max_drafts(seq), features)
 
     def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
         """One token from (1, V) logits."""
@@ -266,7 +293,7 @@ class Engine:
         t1 = time.perf_counter()
         lengths = self._schedule(seqs, drafts)
         inputs = [SeqInput(s.slot, [s.token_ids[-1]] + d.tokens[:n]) for s, d, n in zip(seqs, drafts, lengths)]
-        out = self.runner.forward(inputs, self.taps)
+        out = self.runner.forward(inputs, _forward_taps(seqs))
         results = []
         for b, (seq, draft, n) in enumerate(zip(seqs, drafts, lengths)):
             probs = draft.probs[:n] if draft.probs is not None else None
@@ -275,13 +302,12 @@ class Engine:
             res = verify(draft.tokens[:n], probs, logits, seq.params, seq.generator, seq.stop_ids)
             # Keep the anchor and the accepted drafts; the emitted token becomes the next anchor.
             self.cache.rollback(seq.slot, self.cache.lengths[seq.slot] - n + res.num_accepted)
-            if out.taps is not None:
+            if seq.taps and out.taps is not None:
                 seq.pending_features.append(out.taps[b][: 1 + res.num_accepted])
             seq.record_round(n, res.num_accepted)
             logprobs = _logprobs(logits, res.tokens, seq)
             tokens = self._emit(seq, res.tokens, logprobs)
-            result = RoundResult(tokens, n, res.num_accepted, seq.finish_reason,
-                                 None if logprobs is None else logprobs[: len(tokens)])
+            result = self._result(seq, tokens, n, res.num_accepted, logprobs)
             if self.on_round is not None:
                 self.on_round(seq, result)
             results.append(result)
@@ -390,6 +416,16 @@ def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
             groups.append([seq])
             real = n
     return groups
+
+
+def _forward_taps(seqs: list[Sequence]) -> tuple[int, ...]:
+    """The layers one forward taps: those of its sequences that read features. An engine
+    serves one drafter model (embedded: its proposer; in a fleet: the drafter deployment),
+    so two different non-empty sets in one batch are a bug, not a case to merge."""
+    taps = {s.taps for s in seqs if s.taps}
+    if len(taps) > 1:
+        raise ValueError(f"sequences tapping different target layers in one forward: {sorted(taps)}")
+    return taps.pop() if taps else ()
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], seq: Sequence) -> list[TokenLogprob] | None:

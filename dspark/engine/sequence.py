@@ -63,6 +63,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: TextStream | None = None  # with stop strings: the output text, cut before the first one
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # per output token, when asked
+    taps: tuple[int, ...] = ()  # target layers whose outputs this sequence's drafter reads
     # Tapped target features of committed positions not yet handed to the proposer.
     pending_features: list[torch.Tensor] = dataclasses.field(default_factory=list)
     # Speculation bookkeeping.

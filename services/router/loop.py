@@ -217,8 +217,9 @@ class Router:
             while req.generating:
                 offset = len(req.committed)
                 reply = await self._step(req)
-                ev = self._commit(req, reply.tokens, reply.finish_reason, reply.logprobs)
-                ev.drafted, ev.accepted, ev.verify_tokens = reply.drafted, reply.accepted, reply.verify_tokens
+                r = reply.round
+                ev = self._commit(req, r.tokens, reply.finish_reason, r.logprobs)
+                ev.drafted, ev.accepted, ev.verify_tokens = r.drafted, r.accepted, r.verify_tokens
                 await self.call_state(self.state.append_tokens, spec.request_id, offset, ev.token_ids)
                 req.step_committed(ev.token_ids, ev.finish_reason)
                 stamps.append(time.perf_counter())
@@ -307,12 +308,13 @@ class Router:
                           None if draft is None else t1 - t0)
         reply = await self.ctx.client(req.target).verify(call)
         req.verified(reply)
+        r = reply.round
         self.metrics.observe_step({
-            "drafted": reply.drafted, "accepted": reply.accepted,
-            "accepted_per_position": [1] * reply.accepted + [0] * (reply.drafted - reply.accepted),
-            "verify_tokens": reply.verify_tokens, "propose_seconds": t1 - t0,
+            "drafted": r.drafted, "accepted": r.accepted,
+            "accepted_per_position": [1] * r.accepted + [0] * (r.drafted - r.accepted),
+            "verify_tokens": r.verify_tokens, "propose_seconds": t1 - t0,
             "verify_seconds": time.perf_counter() - t1})
-        self.metrics.count_tokens("target", 0, len(reply.tokens))
+        self.metrics.count_tokens("target", 0, len(r.tokens))
         return reply
 
     # -- the end ---------------------------------------------------------------------------------

@@ -210,9 +210,9 @@ class Request:
         """A verify answered: the next round's draft allowance and gate decision, and the
         round's tapped features, kept for the drafter."""
         self._require("verified", Phase.RUNNING)
-        self._allow(reply.max_drafts, reply.draft_next)
-        if self.drafter and reply.features is not None:
-            self.features.append(reply.features)
+        self._allow(reply.round.max_drafts, reply.draft_next)
+        if self.drafter and reply.round.features is not None:
+            self.features.append(reply.round.features)
 
     def _allow(self, max_drafts: int, draft_next: bool) -> None:
         block = self.spec.block_size  # the request's own block size caps the drafts

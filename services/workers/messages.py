@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from dspark.engine.engine import RoundResult
 from dspark.spec.logits import TokenLogprob
 from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams
@@ -97,14 +98,14 @@ class VerifyCall:
 
 @dataclasses.dataclass(frozen=True)
 class VerifyReply:
-    tokens: list[int]  # committed this step: accepted drafts + the target's own token
-    drafted: int
-    accepted: int
-    verify_tokens: int  # this request's tokens in the batched forward
-    batch_size: int  # requests in that forward
-    max_drafts: int  # drafts the next step can use (block size, budget, KV room)
-    finish_reason: str | None
-    features: torch.Tensor | None  # tapped features of the newly committed positions
+    """One request's share of a verify batch: the target engine's own `RoundResult` for it
+    (committed tokens, drafts verified and accepted, finish reason, next allowance, tapped
+    features), plus what the batch looked like."""
+    round: RoundResult
+    batch_size: int  # requests in the batched forward
     verify_s: float
-    logprobs: list[TokenLogprob] | None = None  # one per token (target's), when the request asks
     draft_next: bool = True  # the target's draft gate: whether the next step drafts (False: skip the drafter)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.round.finish_reason is None else self.round.finish_reason.value

@@ -12,7 +12,6 @@ import torch
 
 from dspark.engine.build import load_target
 from dspark.engine.engine import Engine, StepStats
-from dspark.engine.sequence import take_features
 from dspark.kv.handshake import KVSpec
 from dspark.kv.transport import TransferMeta
 from dspark.spec.sampling import SamplingParams
@@ -49,23 +48,21 @@ class PrefillWorker:
                  target_peer: str, drafter_peer: str | None,
                  feature_layers: tuple[int, ...]) -> PrefillResult:
         with self._lock:
-            self.engine.taps = tuple(feature_layers)
-            seq = self.engine.open_sequence(token_ids, params)
+            seq = self.engine.open_sequence(token_ids, params, taps=tuple(feature_layers))
             try:
                 t0 = time.perf_counter()
-                self.engine.prefill([seq], StepStats())
+                (first,) = self.engine.prefill([seq], StepStats())
                 t1 = time.perf_counter()
-                first = seq.output_ids[0]
                 n, layers = self.engine.export_kv(seq)
                 meta = TransferMeta(self.kv_spec, request_id, n)
                 self.transport.send_kv(target_peer, layers, meta,
-                                       [torch.tensor([first], dtype=torch.int64)])
-                if drafter_peer is not None and seq.pending_features:
-                    self.transport.send_tensors(drafter_peer, request_id, [take_features(seq.pending_features)])
+                                       [torch.tensor(first.tokens[:1], dtype=torch.int64)])
+                if drafter_peer is not None and first.features is not None:
+                    self.transport.send_tensors(drafter_peer, request_id, [first.features])
                 t2 = time.perf_counter()
             finally:
                 self.engine.close_sequence(seq)
         elem = self.kv_spec.dtype.itemsize * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
-        reason = seq.finish_reason.value if seq.finished else None
-        return PrefillResult(first, reason, n, 2 * self.kv_spec.num_layers * n * elem, t1 - t0, t2 - t1,
-                             list(seq.logprobs) if params.logprobs is not None else None)
+        reason = None if first.finish_reason is None else first.finish_reason.value
+        return PrefillResult(first.tokens[0], reason, n, 2 * self.kv_spec.num_layers * n * elem, t1 - t0,
+                             t2 - t1, first.logprobs)

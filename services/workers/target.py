@@ -4,7 +4,15 @@ Concurrent `verify` calls from many requests are batched by Serve into ONE targe
 the engine's own `verify_round` applies the verification policy to the whole batch, checks
 every draft and commits (rolls the KV back past rejected drafts). One verify batch is one
 engine step, so the engine's draft gate (confidence policy) observes it and decides whether
-the next step drafts; every reply carries that decision to its router."""
+the next step drafts; every reply carries that decision to its router. A request served alone
+(or whose batches always hold the same requests) therefore gets the embedded engine's
+decisions round for round (tests/unit/services/test_fleet_equals_engine.py); under
+interleaved batches a router acts on the decision of the last batch its request was in,
+which another request's batch may since have revised: one reply late, by design, since
+waiting for the replica's latest decision would serialise the routers.
+
+The worker holds each request's `Sequence` as an opaque handle: everything it replies comes
+from the engine's `RoundResult`s (tokens, finish reason, next allowance, tapped features)."""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from ray import serve
 
 from dspark.engine.build import load_target, make_gate, make_policy, resolve_method
 from dspark.engine.engine import Engine, StepStats
-from dspark.engine.sequence import Sequence, take_features
+from dspark.engine.sequence import Sequence
 from dspark.kv.handshake import KVSpec
 from dspark.spec.sampling import SamplingParams
 from services.config import FleetConfig
@@ -64,8 +72,7 @@ class TargetWorker:
                  feature_layers: tuple[int, ...]) -> ReceiveReply:
         with self._lock:
             self._free(request_id)  # a retried admission replaces the old state
-            self.engine.taps = tuple(feature_layers)
-            seq = self.engine.open_sequence(prompt_ids, params)
+            seq = self.engine.open_sequence(prompt_ids, params, taps=tuple(feature_layers))
         try:
             # Layers land in this request's own slot while others verify (disjoint rows).
             got = self.transport.recv_kv(prefill_peer, self.kv_spec, lambda i, k, v:
@@ -102,14 +109,8 @@ class TargetWorker:
             costs = [c.propose_s for c in live if c.propose_s is not None]
             stats = StepStats(proposed=bool(costs), propose_s=max(costs, default=0.0))
             results = self.engine.verify_round(seqs, [c.draft for c in live], stats) if seqs else []
-            replies: dict[str, VerifyReply] = {}
-            for seq, call, r in zip(seqs, live, results, strict=True):
-                replies[call.request_id] = VerifyReply(
-                    tokens=r.tokens, drafted=r.drafted, accepted=r.accepted, verify_tokens=1 + r.drafted,
-                    batch_size=len(seqs), max_drafts=0 if seq.finished else self.engine.max_drafts(seq),
-                    finish_reason=None if r.finish_reason is None else r.finish_reason.value,
-                    features=take_features(seq.pending_features), verify_s=stats.verify_s, logprobs=r.logprobs,
-                    draft_next=self.engine.draft_next)
+            replies = {call.request_id: VerifyReply(r, len(seqs), stats.verify_s, self.engine.draft_next)
+                       for call, r in zip(live, results, strict=True)}
         return [replies.get(c.request_id) or StateLost(f"{self.deployment} holds no request "
                                                        f"{c.request_id}") for c in calls]
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from dspark.engine.engine import RoundResult
+from dspark.engine.sequence import FinishReason
 from dspark.spec.sampling import SamplingParams
 from services.router.request import DrafterState, IllegalTransition, Phase, Request
 from services.router.validate import RequestSpec
@@ -33,8 +35,9 @@ def prefill_result(token: int = 7) -> PrefillResult:
 
 def reply(tokens: list[int], max_drafts: int = 4, draft_next: bool = True, features: object = None,
           finish: str | None = None) -> VerifyReply:
-    return VerifyReply(tokens, 0, 0, 1, 1, max_drafts, finish, features, 0.0,  # type: ignore[arg-type]
-                       draft_next=draft_next)
+    reason = None if finish is None else FinishReason(finish)
+    return VerifyReply(RoundResult(tokens, 0, 0, reason, None, max_drafts, features),  # type: ignore[arg-type]
+                       1, 0.0, draft_next=draft_next)
 
 
 def admitted(drafter: bool = True) -> Request:

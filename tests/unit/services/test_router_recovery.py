@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import tokenizers
 
+from dspark.engine.engine import RoundResult
+from dspark.engine.sequence import FinishReason
 from dspark.models.tokenizer import Tokenizer
 from dspark.spec.proposer import Draft
 from dspark.spec.sampling import SamplingParams
@@ -156,8 +158,9 @@ class Target(Scripted):
         tokens = tokens[:room]
         output += tokens
         done = len(output) >= params.max_new_tokens
-        return VerifyReply(tokens, len(call.draft.tokens), min(accepted, len(tokens)), 1 + len(call.draft.tokens), 1,
-                           0 if done else K, "length" if done else None, None, 0.0)
+        result = RoundResult(tokens, len(call.draft.tokens), min(accepted, len(tokens)),
+                             FinishReason.LENGTH if done else None, None, 0 if done else K)
+        return VerifyReply(result, 1, 0.0)
 
 
 class Drafter(Scripted):
