@@ -10,9 +10,23 @@ reverse. Per round and sequence:
 
 The block with the larger expected accepted length is verified. While lookup keeps
 promising more than the drafter has recently delivered (an EMA of E_ds), the drafter's pass
-is skipped altogether; its context still takes every committed feature, so it can take over
-the next round. Either way the target verifies one block against the exact distribution the
-block was drawn from (one-hot for lookup), so the output is lossless.
+is skipped for that sequence; its context still takes every committed feature (a cheap
+extension, no block drafted), so it can take over the next round. Either way the target
+verifies one block against the exact distribution the block was drawn from (one-hot for
+lookup), so the output is lossless.
+
+The drafter's pass is not free, lookup nearly is. So the batch's pass runs only when it
+pays for its time: with c = (drafter pass time) / (rest of a round: verification and the
+engine), both measured online as EMAs of this process's wall clock,
+
+    run the pass  iff  sum_i (1 + max(E_ds_i, E_ng_i)) / (1 + c)  >  sum_i (1 + E_ng_i)
+
+(tokens per unit time with the pass against lookup-only rounds; E_ds_i is the sequence's
+recent expected length, E_ng_i = 0 without a match). A skipped pass is probed again after
+`probe_every` rounds, so a drafter that starts to pay is noticed. This is the draft gate's
+trade-off (dspark/spec/gate.py) made inside the proposer, where lookup can stand in for the
+drafter instead of no draft at all; it needs no step-cost profile, so it works under every
+verification policy.
 
 Acceptance of the previous round is read from the feature contract: a round that accepted
 n drafts delivers n + 1 new features.
@@ -21,6 +35,8 @@ n drafts delivers n + 1 new features.
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +45,8 @@ from dspark.drafter.proposer import DrafterProposer, drafter_factory
 from dspark.spec.ngram import lookup
 from dspark.spec.proposer import Draft, DraftRequest, register_proposer
 
-EMA = 0.3  # weight of the newest round in the drafter's expected-length average
+EMA = 0.3  # weight of the newest round in the drafter's expected-length and timing averages
+PROBE_EVERY = 8  # rounds without the drafter's pass before it is run again to re-measure
 
 
 @dataclasses.dataclass
@@ -49,13 +66,26 @@ class _SeqStats:
 
 
 class HybridProposer:
-    def __init__(self, drafter: DrafterProposer, max_ngram: int = 3, min_ngram: int = 2) -> None:
+    def __init__(self, drafter: DrafterProposer, max_ngram: int = 3, min_ngram: int = 2,
+                 probe_every: int = PROBE_EVERY, clock: Callable[[], float] = time.perf_counter) -> None:
         self.drafter, self.name = drafter, "hybrid"
         self.feature_layers = drafter.feature_layers
         self.max_drafts = drafter.max_drafts
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.probe_every, self.clock = probe_every, clock
         self._stats: dict[int, _SeqStats] = {}
-        self.rounds = {"drafter": 0, "lookup": 0, "lookup_skipped_drafter": 0}  # for reports
+        self.rounds = {"drafter": 0, "lookup": 0, "lookup_skipped_drafter": 0, "pass_skipped": 0}  # for reports
+        self.pass_s: float | None = None  # EMA of the drafter's pass (a batch's blocks drafted)
+        self.rest_s: float | None = None  # EMA of the rest of a round: end of one propose to the next
+        self._returned_at: float | None = None
+        self._since_pass = 0  # rounds since the pass last ran
+
+    @property
+    def pass_cost(self) -> float | None:
+        """c: the drafter's pass in units of the rest of a round (None until both are measured)."""
+        if self.pass_s is None or not self.rest_s:
+            return None
+        return self.pass_s / self.rest_s
 
     @property
     def last_conf_logits(self) -> dict[int, torch.Tensor]:
@@ -64,12 +94,17 @@ class HybridProposer:
     def start(self, seq_id: int, prompt_ids: list[int]) -> None:
         self.drafter.start(seq_id, prompt_ids)
         self._stats[seq_id] = _SeqStats()
+        self._returned_at = None  # the gap to the next round holds an admission: not a round's rest
 
     def finish(self, seq_id: int) -> None:
         self.drafter.finish(seq_id)
         self._stats.pop(seq_id, None)
+        self._returned_at = None
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        start = self.clock()
+        if self._returned_at is not None:
+            self.rest_s = _ema(self.rest_s, start - self._returned_at)
         matches, run_drafter = [], []
         for req in requests:
             st = self._stats[req.seq_id]
@@ -79,10 +114,19 @@ class HybridProposer:
             matches.append(match)
             skip = bool(match) and st.ds_expect is not None and st.lookup_expect(len(match)) > st.ds_expect
             run_drafter.append(k > 0 and not skip)
+        if any(run_drafter) and not self._pass_pays(requests, matches):
+            run_drafter = [False] * len(requests)
+            self.rounds["pass_skipped"] += 1
         # The drafter sees every request: those it does not draft for still extend its context.
         ds_requests = [req if run else dataclasses.replace(req, max_tokens=0)
                        for req, run in zip(requests, run_drafter, strict=True)]
+        t0 = self.clock()
         ds_drafts = self.drafter.propose(ds_requests)
+        if any(run_drafter):
+            self.pass_s = _ema(self.pass_s, self.clock() - t0)
+            self._since_pass = 0
+        else:
+            self._since_pass += 1
         out = []
         for req, match, ran, ds in zip(requests, matches, run_drafter, ds_drafts, strict=True):
             st = self._stats[req.seq_id]
@@ -101,7 +145,25 @@ class HybridProposer:
                 self.rounds["drafter"] += bool(ds.tokens)
                 st.last_lookup = 0
                 out.append(ds)
+        self._returned_at = self.clock()
         return out
+
+    def _pass_pays(self, requests: list[DraftRequest], matches: list[list[int]]) -> bool:
+        """Whether the drafter's pass is expected to emit more tokens per unit time than
+        lookup-only rounds (module docstring). Runs while anything is unmeasured, and every
+        `probe_every` rounds to re-measure."""
+        c = self.pass_cost
+        if c is None or self._since_pass >= self.probe_every:
+            return True
+        with_pass = without = 0.0
+        for req, match in zip(requests, matches, strict=True):
+            st = self._stats[req.seq_id]
+            if st.ds_expect is None:
+                return True
+            e_ng = st.lookup_expect(len(match)) if match else 0.0
+            with_pass += 1.0 + max(st.ds_expect, e_ng)
+            without += 1.0 + e_ng
+        return with_pass / (1.0 + c) > without
 
     @staticmethod
     def _account(st: _SeqStats, req: DraftRequest) -> None:
@@ -111,6 +173,10 @@ class HybridProposer:
             st.hits += accepted
             st.trials += min(accepted + 1, st.last_lookup)
         st.last_lookup = 0
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
 
 
 @register_proposer("hybrid")

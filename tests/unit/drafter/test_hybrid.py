@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dspark.drafter.hybrid import HybridProposer
@@ -65,3 +66,71 @@ def test_hybrid_greedy_output_equals_ar() -> None:
     spec = Engine(target, (), h, EngineConfig(max_batch_size=4, block_size=K)).generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in ar]
     assert h.rounds["drafter"] + h.rounds["lookup"] > 0
+
+
+class _Clock:
+    """A fake clock: the drafter's pass advances it by `pass_s` when it drafts a block, and
+    each round's rest (verification) by `rest_s` between proposals."""
+
+    def __init__(self, h: HybridProposer, pass_s: float, rest_s: float) -> None:
+        self.now, self.rest_s = 0.0, rest_s
+        h.clock = lambda: self.now
+        inner = h.drafter.propose
+        self.drafted: list[bool] = []
+
+        def timed(reqs: list[DraftRequest]) -> list:
+            drafting = any(r.max_tokens > 0 for r in reqs)
+            self.drafted.append(drafting)
+            self.now += pass_s if drafting else 0.0
+            return inner(reqs)
+        h.drafter.propose = timed  # type: ignore[method-assign]
+
+    def round(self) -> None:
+        self.now += self.rest_s
+
+
+NO_MATCH = [3, 14, 15, 9, 2, 6, 5]  # no repeated suffix: lookup has nothing to offer
+
+
+def _rounds(h: HybridProposer, clock: _Clock, n: int) -> list[int]:
+    """n rounds of one sequence, each accepting nothing (one new feature a round)."""
+    tokens = list(NO_MATCH)
+    h.start(0, tokens[:-1])
+    feats = torch.randn(64, 3, 32)
+    lengths = []
+    (d,) = h.propose([_request(tokens, feats[: len(tokens) - 1])])
+    lengths.append(len(d.tokens))
+    for _ in range(n - 1):
+        clock.round()
+        tokens.append(40 + len(tokens))
+        (d,) = h.propose([_request(tokens, feats[len(tokens) - 2: len(tokens) - 1])])
+        lengths.append(len(d.tokens))
+        assert h.drafter._caches[0].length == len(tokens) - 1  # skipped or not, the context keeps up
+    return lengths
+
+
+def test_a_pass_that_costs_more_than_it_promises_is_skipped_and_probed_again() -> None:
+    """The drafter doubts (E_ds ~ 0) and its pass costs 3 rounds' rest: lookup-only rounds
+    (no match here: plain rounds) emit more per second, so the pass stops, and runs again
+    every `probe_every` rounds to re-measure."""
+    h, _ = _hybrid(conf_bias=-8.0)
+    h.probe_every = 4
+    clock = _Clock(h, pass_s=3.0, rest_s=1.0)
+    lengths = _rounds(h, clock, 12)
+    assert h.pass_cost == pytest.approx(3.0)
+    # Round 1 measures the pass, round 2 the rest and skips; 4 skipped, a probe, 4, a probe.
+    assert clock.drafted == [True, False, False, False, False, True, False, False, False, False, True, False]
+    assert h.rounds["pass_skipped"] == 9
+    assert all(n == 0 for n, ran in zip(lengths, clock.drafted) if not ran)
+
+
+def test_a_pass_that_pays_for_itself_keeps_running() -> None:
+    """A sure drafter (E_ds ~ K = 4) whose pass costs half a round's rest: 5 / 1.5 > 1."""
+    h, _ = _hybrid(conf_bias=8.0)
+    clock = _Clock(h, pass_s=0.5, rest_s=1.0)
+    lengths = _rounds(h, clock, 10)
+    assert all(clock.drafted) and h.rounds["pass_skipped"] == 0 and lengths == [K] * 10
+    # The same drafter whose pass costs 5 rounds' rest does not pay (5 / 6 < 1).
+    slow, _ = _hybrid(conf_bias=8.0)
+    _rounds(slow, _Clock(slow, pass_s=5.0, rest_s=1.0), 10)
+    assert slow.rounds["pass_skipped"] > 0
