@@ -11,7 +11,8 @@ reverse. Per round and sequence:
 The block with the larger expected accepted length is verified. While lookup keeps
 promising more than the drafter has recently delivered (an EMA of E_ds), the drafter's pass
 is skipped for that sequence; its context still takes every committed feature (a cheap
-extension, no block drafted), so it can take over the next round. Either way the target
+extension, no block drafted) whenever the batch's pass runs, so it can take over the next
+round. Either way the target
 verifies one block against the exact distribution the block was drawn from (one-hot for
 lookup), so the output is lossless.
 
@@ -23,7 +24,10 @@ engine), both measured online as EMAs of this process's wall clock,
 
 (tokens per unit time with the pass against lookup-only rounds; E_ds_i is the sequence's
 recent expected length, E_ng_i = 0 without a match). A skipped pass is probed again after
-`probe_every` rounds, so a drafter that starts to pay is noticed. This is the draft gate's
+`probe_every` rounds (doubling, up to `MAX_PROBE_GAP`, while the probes keep not paying), so a
+drafter that starts to pay is noticed. Rounds without the pass do not call the drafter at
+all: each sequence's committed features wait in a backlog that the next pass extends its
+context with in one call. This is the draft gate's
 trade-off (dspark/spec/gate.py) made inside the proposer, where lookup can stand in for the
 drafter instead of no draft at all; it needs no step-cost profile, so it works under every
 verification policy.
@@ -43,10 +47,11 @@ import torch
 
 from dspark.drafter.proposer import DrafterProposer, drafter_factory
 from dspark.spec.ngram import lookup
-from dspark.spec.proposer import Draft, DraftRequest, register_proposer
+from dspark.spec.proposer import Draft, DraftRequest, register_proposer, take_features
 
 EMA = 0.3  # weight of the newest round in the drafter's expected-length and timing averages
 PROBE_EVERY = 8  # rounds without the drafter's pass before it is run again to re-measure
+MAX_PROBE_GAP = 64  # the gap doubles from PROBE_EVERY while probes keep not paying
 
 
 @dataclasses.dataclass
@@ -55,6 +60,7 @@ class _SeqStats:
     trials: float = 0.0  # lookup drafts that were reached (accepted, or the first rejected)
     ds_expect: float | None = None  # EMA of the drafter's expected accepted length
     last_lookup: int = 0  # length of last round's lookup draft (0: the drafter's block, or none)
+    backlog: list[torch.Tensor] = dataclasses.field(default_factory=list)  # features the drafter has not seen
 
     @property
     def p_lookup(self) -> float:
@@ -79,6 +85,7 @@ class HybridProposer:
         self.rest_s: float | None = None  # EMA of the rest of a round: end of one propose to the next
         self._returned_at: float | None = None
         self._since_pass = 0  # rounds since the pass last ran
+        self._probe_gap = probe_every
 
     @property
     def pass_cost(self) -> float | None:
@@ -117,15 +124,21 @@ class HybridProposer:
         if any(run_drafter) and not self._pass_pays(requests, matches):
             run_drafter = [False] * len(requests)
             self.rounds["pass_skipped"] += 1
-        # The drafter sees every request: those it does not draft for still extend its context.
-        ds_requests = [req if run else dataclasses.replace(req, max_tokens=0)
-                       for req, run in zip(requests, run_drafter, strict=True)]
-        t0 = self.clock()
-        ds_drafts = self.drafter.propose(ds_requests)
         if any(run_drafter):
+            # The drafter sees every request with its backlog: those it does not draft for
+            # still extend their context.
+            ds_requests = [dataclasses.replace(req, max_tokens=req.max_tokens if run else 0,
+                                               new_features=self._with_backlog(req))
+                           for req, run in zip(requests, run_drafter, strict=True)]
+            t0 = self.clock()
+            ds_drafts = self.drafter.propose(ds_requests)
             self.pass_s = _ema(self.pass_s, self.clock() - t0)
             self._since_pass = 0
-        else:
+        else:  # no pass: not even a context extension; the features wait
+            for req in requests:
+                if req.new_features is not None:
+                    self._stats[req.seq_id].backlog.append(req.new_features)
+            ds_drafts = [Draft(tokens=[]) for _ in requests]
             self._since_pass += 1
         out = []
         for req, match, ran, ds in zip(requests, matches, run_drafter, ds_drafts, strict=True):
@@ -148,12 +161,22 @@ class HybridProposer:
         self._returned_at = self.clock()
         return out
 
+    def _with_backlog(self, req: DraftRequest) -> torch.Tensor | None:
+        st = self._stats[req.seq_id]
+        if req.new_features is not None:
+            st.backlog.append(req.new_features)
+        return take_features(st.backlog)
+
     def _pass_pays(self, requests: list[DraftRequest], matches: list[list[int]]) -> bool:
         """Whether the drafter's pass is expected to emit more tokens per unit time than
-        lookup-only rounds (module docstring). Runs while anything is unmeasured, and every
-        `probe_every` rounds to re-measure."""
+        lookup-only rounds (module docstring). Runs while anything is unmeasured, and as a
+        probe once `_probe_gap` rounds went without it (the gap doubles per probe until the
+        pass pays again)."""
         c = self.pass_cost
-        if c is None or self._since_pass >= self.probe_every:
+        if c is None:
+            return True
+        if self._since_pass >= self._probe_gap:
+            self._probe_gap = min(2 * self._probe_gap, MAX_PROBE_GAP)
             return True
         with_pass = without = 0.0
         for req, match in zip(requests, matches, strict=True):
@@ -163,7 +186,10 @@ class HybridProposer:
             e_ng = st.lookup_expect(len(match)) if match else 0.0
             with_pass += 1.0 + max(st.ds_expect, e_ng)
             without += 1.0 + e_ng
-        return with_pass / (1.0 + c) > without
+        pays = with_pass / (1.0 + c) > without
+        if pays:
+            self._probe_gap = self.probe_every
+        return pays
 
     @staticmethod
     def _account(st: _SeqStats, req: DraftRequest) -> None:

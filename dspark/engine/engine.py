@@ -28,7 +28,6 @@ from dspark.engine.sequence import (
     StreamCallback,
     finish_reason_of,
     stop_token_ids,
-    take_features,
 )
 from dspark.engine.stop import TextStream
 from dspark.errors import UserError
@@ -37,7 +36,7 @@ from dspark.models.tokenizer import Tokenizer
 from dspark.models.transformer import CausalLM
 from dspark.spec.gate import DraftGate
 from dspark.spec.logits import TokenLogprob, process_logits, token_logprobs
-from dspark.spec.proposer import Draft, DraftRequest, Proposer
+from dspark.spec.proposer import Draft, DraftRequest, Proposer, take_features
 from dspark.spec.sampling import SamplingParams, draw, make_generator, probs_from_logits
 from dspark.spec.scheduler import StepCostProfile, VerifyPolicy
 from dspark.spec.verify import verify

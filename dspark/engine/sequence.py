@@ -37,19 +37,6 @@ def finish_reason_of(output_ids: list[int], stop_ids: frozenset[int], max_new_to
     return FinishReason.LENGTH if len(output_ids) >= max_new_tokens else None
 
 
-def take_features(pending: list[torch.Tensor]) -> torch.Tensor | None:
-    """Pending tapped features, (n, m, d) each and in position order, as one (sum n, m, d)
-    tensor for the drafter (None if there are none); the list is emptied. The embedded
-    engine, the fleet's workers and its router keep features of positions the drafter has
-    not seen yet in such lists: rounds without a drafting pass add to them, the next
-    drafted round takes them all."""
-    if not pending:
-        return None
-    features = torch.cat(pending)
-    pending.clear()
-    return features
-
-
 @dataclasses.dataclass
 class Sequence:
     seq_id: int

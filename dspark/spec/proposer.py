@@ -81,3 +81,16 @@ def create_proposer(name: str, **kwargs: object) -> Proposer:
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; known: ar, {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)
+
+
+def take_features(pending: list[torch.Tensor]) -> torch.Tensor | None:
+    """Pending tapped features, (n, m, d) each and in position order, as one (sum n, m, d)
+    tensor for the drafter (None if there are none); the list is emptied. The embedded
+    engine, the fleet's workers and its router keep features of positions the drafter has
+    not seen yet in such lists: rounds without a drafting pass add to them, the next
+    drafted round takes them all."""
+    if not pending:
+        return None
+    features = torch.cat(pending)
+    pending.clear()
+    return features

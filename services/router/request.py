@@ -25,8 +25,8 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
-from dspark.engine.sequence import take_features
 from dspark.engine.stop import TextStream
+from dspark.spec.proposer import take_features
 from services.router.validate import RequestSpec
 from services.state.redis_state import RequestStatus
 from services.workers.messages import PrefillResult, VerifyReply, WorkerInfo

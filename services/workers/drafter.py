@@ -12,8 +12,7 @@ import torch
 from ray import serve
 
 from dspark.engine.build import load_target, make_proposer, resolve_method
-from dspark.engine.sequence import take_features
-from dspark.spec.proposer import Draft, DraftRequest
+from dspark.spec.proposer import Draft, DraftRequest, take_features
 from dspark.spec.sampling import SamplingParams, make_generator
 from services.config import FleetConfig
 from services.workers.base import make_transport, new_peer_id, setup_process

@@ -42,6 +42,7 @@ def test_lookup_wins_when_the_drafter_doubts_and_loses_when_it_is_sure() -> None
 
 def test_lookup_acceptance_is_read_from_the_feature_contract_and_skips_the_drafter() -> None:
     h, d = _hybrid(conf_bias=-8.0)
+    h.clock = lambda: 0.0  # the pass's cost stays unmeasured: it runs whenever a sequence wants it
     tokens = list(REPEAT)
     h.start(0, tokens[:-1])
     feats = torch.randn(64, 3, 32)
@@ -51,10 +52,15 @@ def test_lookup_acceptance_is_read_from_the_feature_contract_and_skips_the_draft
     (draft,) = h.propose([_request(tokens, feats[len(REPEAT) - 1: len(tokens) - 1])])
     st = h._stats[0]
     assert (st.hits, st.trials) == (4.0, 4.0)
-    # Lookup promises more than the drafter has been delivering: its pass is skipped, but its
-    # context still took the five new features.
+    # Lookup promises more than the drafter has been delivering: its pass is skipped (not
+    # even called), and the five new features wait for the next pass.
     assert h.rounds["lookup_skipped_drafter"] == 1 and draft.tokens
-    assert h.drafter._caches[0].length == len(tokens) - 1
+    assert h.drafter._caches[0].length == len(REPEAT) - 1
+    assert sum(f.shape[0] for f in h._stats[0].backlog) == 5
+    tokens += [30, 31]  # lookup rejected at once: no match now, so the drafter drafts again
+    (draft,) = h.propose([_request(tokens, feats[len(tokens) - 3: len(tokens) - 1])])
+    assert draft.probs is not None and h._stats[0].backlog == []
+    assert h.drafter._caches[0].length == len(tokens) - 1  # caught up in one extension
 
 
 def test_hybrid_greedy_output_equals_ar() -> None:
@@ -69,19 +75,18 @@ def test_hybrid_greedy_output_equals_ar() -> None:
 
 
 class _Clock:
-    """A fake clock: the drafter's pass advances it by `pass_s` when it drafts a block, and
-    each round's rest (verification) by `rest_s` between proposals."""
+    """A fake clock: the drafter's pass advances it by `pass_s`, and each round's rest
+    (verification) by `rest_s` between proposals. `ran[i]`: whether round i called the
+    drafter at all (a round without the pass must not)."""
 
     def __init__(self, h: HybridProposer, pass_s: float, rest_s: float) -> None:
-        self.now, self.rest_s = 0.0, rest_s
+        self.now, self.rest_s, self.calls = 0.0, rest_s, 0
         h.clock = lambda: self.now
         inner = h.drafter.propose
-        self.drafted: list[bool] = []
 
         def timed(reqs: list[DraftRequest]) -> list:
-            drafting = any(r.max_tokens > 0 for r in reqs)
-            self.drafted.append(drafting)
-            self.now += pass_s if drafting else 0.0
+            self.calls += 1
+            self.now += pass_s
             return inner(reqs)
         h.drafter.propose = timed  # type: ignore[method-assign]
 
@@ -92,45 +97,49 @@ class _Clock:
 NO_MATCH = [3, 14, 15, 9, 2, 6, 5]  # no repeated suffix: lookup has nothing to offer
 
 
-def _rounds(h: HybridProposer, clock: _Clock, n: int) -> list[int]:
-    """n rounds of one sequence, each accepting nothing (one new feature a round)."""
+def _rounds(h: HybridProposer, clock: _Clock, n: int) -> tuple[list[bool], list[int]]:
+    """n rounds of one sequence, each accepting nothing (one new feature a round): whether
+    each round ran the drafter's pass, and its draft's length."""
     tokens = list(NO_MATCH)
     h.start(0, tokens[:-1])
     feats = torch.randn(64, 3, 32)
-    lengths = []
-    (d,) = h.propose([_request(tokens, feats[: len(tokens) - 1])])
-    lengths.append(len(d.tokens))
-    for _ in range(n - 1):
-        clock.round()
-        tokens.append(40 + len(tokens))
-        (d,) = h.propose([_request(tokens, feats[len(tokens) - 2: len(tokens) - 1])])
+    ran, lengths = [], []
+    new = feats[: len(tokens) - 1]
+    for i in range(n):
+        if i:
+            clock.round()
+            tokens.append(40 + len(tokens))
+            new = feats[len(tokens) - 2: len(tokens) - 1]
+        calls = clock.calls
+        (d,) = h.propose([_request(tokens, new)])
+        ran.append(clock.calls > calls)
         lengths.append(len(d.tokens))
-        assert h.drafter._caches[0].length == len(tokens) - 1  # skipped or not, the context keeps up
-    return lengths
+        if ran[-1]:  # the pass extended the context with every feature it had missed
+            assert h.drafter._caches[0].length == len(tokens) - 1
+    return ran, lengths
 
 
 def test_a_pass_that_costs_more_than_it_promises_is_skipped_and_probed_again() -> None:
     """The drafter doubts (E_ds ~ 0) and its pass costs 3 rounds' rest: lookup-only rounds
-    (no match here: plain rounds) emit more per second, so the pass stops, and runs again
-    every `probe_every` rounds to re-measure."""
+    (no match here: plain rounds) emit more per second, so the pass stops; probes re-measure
+    after 4 rounds, then 8 (the gap doubles while they keep not paying)."""
     h, _ = _hybrid(conf_bias=-8.0)
-    h.probe_every = 4
+    h.probe_every = h._probe_gap = 4
     clock = _Clock(h, pass_s=3.0, rest_s=1.0)
-    lengths = _rounds(h, clock, 12)
+    ran, lengths = _rounds(h, clock, 16)
     assert h.pass_cost == pytest.approx(3.0)
-    # Round 1 measures the pass, round 2 the rest and skips; 4 skipped, a probe, 4, a probe.
-    assert clock.drafted == [True, False, False, False, False, True, False, False, False, False, True, False]
-    assert h.rounds["pass_skipped"] == 9
-    assert all(n == 0 for n, ran in zip(lengths, clock.drafted) if not ran)
+    # Round 1 measures the pass, round 2 the rest and skips; 4 skipped, a probe, 8, a probe.
+    assert ran == [True] + [False] * 4 + [True] + [False] * 8 + [True, False]
+    assert h.rounds["pass_skipped"] == 13
+    assert all(n == 0 for n, r in zip(lengths, ran) if not r)
 
 
 def test_a_pass_that_pays_for_itself_keeps_running() -> None:
     """A sure drafter (E_ds ~ K = 4) whose pass costs half a round's rest: 5 / 1.5 > 1."""
     h, _ = _hybrid(conf_bias=8.0)
-    clock = _Clock(h, pass_s=0.5, rest_s=1.0)
-    lengths = _rounds(h, clock, 10)
-    assert all(clock.drafted) and h.rounds["pass_skipped"] == 0 and lengths == [K] * 10
+    ran, lengths = _rounds(h, _Clock(h, pass_s=0.5, rest_s=1.0), 10)
+    assert all(ran) and h.rounds["pass_skipped"] == 0 and lengths == [K] * 10
     # The same drafter whose pass costs 5 rounds' rest does not pay (5 / 6 < 1).
     slow, _ = _hybrid(conf_bias=8.0)
-    _rounds(slow, _Clock(slow, pass_s=5.0, rest_s=1.0), 10)
-    assert slow.rounds["pass_skipped"] > 0
+    ran, _ = _rounds(slow, _Clock(slow, pass_s=5.0, rest_s=1.0), 10)
+    assert slow.rounds["pass_skipped"] > 0 and not all(ran)
