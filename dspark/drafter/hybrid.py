@@ -17,12 +17,14 @@ verifies one block against the exact distribution the block was drawn from (one-
 lookup), so the output is lossless.
 
 The drafter's pass is not free, lookup nearly is. So the batch's pass runs only when it
-pays for its time: with c = (drafter pass time) / (rest of a round: verification and the
-engine), both measured online as EMAs of this process's wall clock,
+pays for its time. Measured online as EMAs of this process's wall clock: t_pass, the pass;
+t_with and t_without, the rest of a round (verification and the engine, from one proposal to
+the next) after a round with and without the pass (a drafter block verifies more tokens):
 
-    run the pass  iff  sum_i (1 + max(E_ds_i, E_ng_i)) / (1 + c)  >  sum_i (1 + E_ng_i)
+    run the pass  iff  sum_i (1 + max(E_ds_i, E_ng_i)) / (t_pass + t_with)
+                           >  sum_i (1 + E_ng_i) / t_without
 
-(tokens per unit time with the pass against lookup-only rounds; E_ds_i is the sequence's
+(tokens per second with the pass against lookup-only rounds; E_ds_i is the sequence's
 recent expected length, E_ng_i = 0 without a match). A skipped pass is probed again after
 `probe_every` rounds (doubling, up to `MAX_PROBE_GAP`, while the probes keep not paying), so a
 drafter that starts to pay is noticed. Rounds without the pass do not call the drafter at
@@ -82,17 +84,23 @@ class HybridProposer:
         self._stats: dict[int, _SeqStats] = {}
         self.rounds = {"drafter": 0, "lookup": 0, "lookup_skipped_drafter": 0, "pass_skipped": 0}  # for reports
         self.pass_s: float | None = None  # EMA of the drafter's pass (a batch's blocks drafted)
-        self.rest_s: float | None = None  # EMA of the rest of a round: end of one propose to the next
+        # EMAs of the rest of a round (end of one proposal to the next), after a round with / without the pass
+        self.rest_with_s: float | None = None
+        self.rest_without_s: float | None = None
         self._returned_at: float | None = None
+        self._last_ran = False
         self._since_pass = 0  # rounds since the pass last ran
         self._probe_gap = probe_every
 
     @property
-    def pass_cost(self) -> float | None:
-        """c: the drafter's pass in units of the rest of a round (None until both are measured)."""
-        if self.pass_s is None or not self.rest_s:
+    def round_times(self) -> tuple[float, float] | None:
+        """(seconds of a round with the pass, without it); None until both kinds are measured
+        (a round without the pass has not happened yet: it is first tried as if it cost what
+        the rest of a round with the pass does)."""
+        if self.pass_s is None or self.rest_with_s is None:
             return None
-        return self.pass_s / self.rest_s
+        with_pass, without = self.pass_s + self.rest_with_s, self.rest_without_s or self.rest_with_s
+        return (with_pass, without) if with_pass > 0 and without > 0 else None
 
     @property
     def last_conf_logits(self) -> dict[int, torch.Tensor]:
@@ -111,7 +119,11 @@ class HybridProposer:
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         start = self.clock()
         if self._returned_at is not None:
-            self.rest_s = _ema(self.rest_s, start - self._returned_at)
+            rest = start - self._returned_at
+            if self._last_ran:
+                self.rest_with_s = _ema(self.rest_with_s, rest)
+            else:
+                self.rest_without_s = _ema(self.rest_without_s, rest)
         matches, run_drafter = [], []
         for req in requests:
             st = self._stats[req.seq_id]
@@ -158,7 +170,7 @@ class HybridProposer:
                 self.rounds["drafter"] += bool(ds.tokens)
                 st.last_lookup = 0
                 out.append(ds)
-        self._returned_at = self.clock()
+        self._returned_at, self._last_ran = self.clock(), any(run_drafter)
         return out
 
     def _with_backlog(self, req: DraftRequest) -> torch.Tensor | None:
@@ -172,8 +184,8 @@ class HybridProposer:
         lookup-only rounds (module docstring). Runs while anything is unmeasured, and as a
         probe once `_probe_gap` rounds went without it (the gap doubles per probe until the
         pass pays again)."""
-        c = self.pass_cost
-        if c is None:
+        times = self.round_times
+        if times is None:
             return True
         if self._since_pass >= self._probe_gap:
             self._probe_gap = min(2 * self._probe_gap, MAX_PROBE_GAP)
@@ -186,7 +198,7 @@ class HybridProposer:
             e_ng = st.lookup_expect(len(match)) if match else 0.0
             with_pass += 1.0 + max(st.ds_expect, e_ng)
             without += 1.0 + e_ng
-        pays = with_pass / (1.0 + c) > without
+        pays = with_pass / times[0] > without / times[1]
         if pays:
             self._probe_gap = self.probe_every
         return pays

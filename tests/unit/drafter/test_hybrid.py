@@ -94,6 +94,18 @@ class _Clock:
         self.now += self.rest_s
 
 
+class _TwoRests(_Clock):
+    """A round's rest is `rest_with` after a round that ran the pass (a drafter block verifies
+    more tokens), `rest_s` after one that did not."""
+
+    def __init__(self, h: HybridProposer, pass_s: float, rest_s: float, rest_with: float) -> None:
+        super().__init__(h, pass_s, rest_s)
+        self.h, self.rest_with = h, rest_with
+
+    def round(self) -> None:
+        self.now += self.rest_with if self.h._last_ran else self.rest_s
+
+
 NO_MATCH = [3, 14, 15, 9, 2, 6, 5]  # no repeated suffix: lookup has nothing to offer
 
 
@@ -127,7 +139,7 @@ def test_a_pass_that_costs_more_than_it_promises_is_skipped_and_probed_again() -
     h.probe_every = h._probe_gap = 4
     clock = _Clock(h, pass_s=3.0, rest_s=1.0)
     ran, lengths = _rounds(h, clock, 16)
-    assert h.pass_cost == pytest.approx(3.0)
+    assert h.round_times == pytest.approx((4.0, 1.0))  # with the pass: 3 + 1; without: 1
     # Round 1 measures the pass, round 2 the rest and skips; 4 skipped, a probe, 8, a probe.
     assert ran == [True] + [False] * 4 + [True] + [False] * 8 + [True, False]
     assert h.rounds["pass_skipped"] == 13
@@ -143,3 +155,11 @@ def test_a_pass_that_pays_for_itself_keeps_running() -> None:
     slow, _ = _hybrid(conf_bias=8.0)
     ran, _ = _rounds(slow, _Clock(slow, pass_s=5.0, rest_s=1.0), 10)
     assert slow.rounds["pass_skipped"] > 0 and not all(ran)
+
+
+def test_the_rest_of_a_round_is_measured_apart_after_rounds_with_and_without_the_pass() -> None:
+    """Verifying a drafter block costs more than a plain or lookup round: each kind of round
+    is timed apart, so the comparison is tokens per second of each kind."""
+    h, _ = _hybrid(conf_bias=-8.0)
+    _rounds(h, _TwoRests(h, pass_s=1.0, rest_s=1.0, rest_with=2.5), 6)
+    assert h.round_times == pytest.approx((3.5, 1.0))
