@@ -12,9 +12,8 @@ The block with the larger expected accepted length is verified. While lookup kee
 promising more than the drafter has recently delivered (an EMA of E_ds), the drafter's pass
 is skipped for that sequence; its context still takes every committed feature (a cheap
 extension, no block drafted) whenever the batch's pass runs, so it can take over the next
-round. Either way the target
-verifies one block against the exact distribution the block was drawn from (one-hot for
-lookup), so the output is lossless.
+round. Either way the target verifies one block against the exact distribution the block
+was drawn from (one-hot for lookup), so the output is lossless.
 
 The drafter's pass is not free, lookup nearly is. So the batch's pass runs only when it
 pays for its time. Measured online as EMAs of this process's wall clock: t_pass, the pass;
@@ -29,10 +28,9 @@ recent expected length, E_ng_i = 0 without a match). A skipped pass is probed ag
 `probe_every` rounds (doubling, up to `MAX_PROBE_GAP`, while the probes keep not paying), so a
 drafter that starts to pay is noticed. Rounds without the pass do not call the drafter at
 all: each sequence's committed features wait in a backlog that the next pass extends its
-context with in one call. This is the draft gate's
-trade-off (dspark/spec/gate.py) made inside the proposer, where lookup can stand in for the
-drafter instead of no draft at all; it needs no step-cost profile, so it works under every
-verification policy.
+context with in one call. This is the draft gate's trade-off (dspark/spec/gate.py) made
+inside the proposer, where lookup can stand in for the drafter instead of no draft at all;
+it needs no step-cost profile, so it works under every verification policy.
 
 Acceptance of the previous round is read from the feature contract: a round that accepted
 n drafts delivers n + 1 new features.
@@ -128,6 +126,8 @@ class HybridProposer:
         for req in requests:
             st = self._stats[req.seq_id]
             self._account(st, req)
+            if req.new_features is not None:  # until the drafter's next pass takes them
+                st.backlog.append(req.new_features)
             k = min(req.max_tokens, self.max_drafts)
             match = lookup(req.token_ids, k, self.max_ngram, self.min_ngram) if k > 0 else []
             matches.append(match)
@@ -140,16 +140,13 @@ class HybridProposer:
             # The drafter sees every request with its backlog: those it does not draft for
             # still extend their context.
             ds_requests = [dataclasses.replace(req, max_tokens=req.max_tokens if run else 0,
-                                               new_features=self._with_backlog(req))
+                                               new_features=take_features(self._stats[req.seq_id].backlog))
                            for req, run in zip(requests, run_drafter, strict=True)]
             t0 = self.clock()
             ds_drafts = self.drafter.propose(ds_requests)
             self.pass_s = _ema(self.pass_s, self.clock() - t0)
             self._since_pass = 0
-        else:  # no pass: not even a context extension; the features wait
-            for req in requests:
-                if req.new_features is not None:
-                    self._stats[req.seq_id].backlog.append(req.new_features)
+        else:  # no pass: not even a context extension; the features wait in the backlog
             ds_drafts = [Draft(tokens=[]) for _ in requests]
             self._since_pass += 1
         out = []
@@ -172,12 +169,6 @@ class HybridProposer:
                 out.append(ds)
         self._returned_at, self._last_ran = self.clock(), any(run_drafter)
         return out
-
-    def _with_backlog(self, req: DraftRequest) -> torch.Tensor | None:
-        st = self._stats[req.seq_id]
-        if req.new_features is not None:
-            st.backlog.append(req.new_features)
-        return take_features(st.backlog)
 
     def _pass_pays(self, requests: list[DraftRequest], matches: list[list[int]]) -> bool:
         """Whether the drafter's pass is expected to emit more tokens per unit time than
