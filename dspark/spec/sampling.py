@@ -82,10 +82,11 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature  # (N, V)
     V = scaled.shape[-1]
     k = params.top_k if 0 < params.top_k < V else V
-    if k < V or params.top_p < 1:
-        fast = _truncated_from_candidates(scaled, k, params.top_p)
-        if fast is not None:
-            return fast
+    if k == V and params.top_p >= 1:
+        return torch.softmax(scaled, dim=-1)  # nothing to truncate: no ranking needed
+    fast = _truncated_from_candidates(scaled, k, params.top_p)
+    if fast is not None:
+        return fast
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (N, V)
     sorted_logits[..., k:] = -math.inf
     sorted_probs = torch.softmax(sorted_logits, dim=-1)  # (N, V), descending

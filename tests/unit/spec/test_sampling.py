@@ -26,6 +26,19 @@ def test_temperature_one_is_softmax() -> None:
     assert _probs(temperature=1.0) == pytest.approx([0.5, 0.25, 0.125, 0.125])
 
 
+def test_untruncated_sampling_is_a_plain_softmax_without_ranking(monkeypatch) -> None:
+    # No top-k and no top-p: nothing is cut, so nothing is sorted (a full-vocabulary sort per
+    # row cost ~2 ms, most of a sampled draft block and of a sampled verification).
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 49152, generator=g) * 3
+    logits[1, ::3] = float("-inf")  # a restricted draft vocabulary
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted an untruncated row"))
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: pytest.fail("ranked an untruncated row"))
+    probs = probs_from_logits(logits, SamplingParams(temperature=0.7))
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.7, dim=-1))
+    assert bool((probs[1, ::3] == 0).all())
+
+
 def test_temperature_scales_logits() -> None:
     # T = 0.5 squares the odds: 16 : 4 : 1 : 1.
     assert _probs(temperature=0.5) == pytest.approx([16 / 22, 4 / 22, 1 / 22, 1 / 22])
