@@ -57,6 +57,10 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
     if cfg.confidence_head:
         drafter.conf.float()
     drafter.draft_vocab_ids.data = drafter.draft_vocab_ids.long()
+    if cfg.draft_vocab_size is not None and not bool((drafter.draft_vocab_ids.diff() > 0).all()):
+        # Greedy drafting breaks argmax ties by the lowest draft index: that is the lowest target
+        # id, as over the full vocabulary, only when the ids ascend (training writes them so).
+        raise UserError(f"{path}: the draft vocabulary ids must be strictly increasing")
     return drafter.eval().requires_grad_(False)
 
 

@@ -253,6 +253,10 @@ class Drafter(nn.Module):
         full = z.new_full((*z.shape[:-1], self.cfg.vocab_size), float("-inf"))
         return full.index_copy(-1, self.draft_vocab_ids, z)
 
+    def to_full_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> target token ids."""
+        return idx if self.cfg.draft_vocab_size is None else self.draft_vocab_ids[idx]
+
     def block_ids(self, anchors: torch.Tensor) -> torch.Tensor:
         """anchors (...) token ids -> (..., K) = [x0, MASK, .., MASK]."""
         K = self.cfg.block_size

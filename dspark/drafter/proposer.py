@@ -5,7 +5,7 @@ backbone pass for all blocks of the batch, then K serial Markov steps
 
     Z_k = U_k + W1[x_{k-1}] @ W2,   q_k = probs_from_logits(Z_k, params),   x_k ~ q_k
 
-(argmax with a one-hot q_k at T = 0), then the confidences of all drafted slots in one call.
+(at T = 0 the argmax, its one-hot q_k left implicit: `Draft.probs` is None), then the confidences of all drafted slots in one call.
 `q_k` is returned as the exact distribution x_k was drawn from, so verification is lossless.
 """
 
@@ -63,21 +63,25 @@ class DrafterProposer:
         L = max(min(r.max_tokens, self.max_drafts) for r in requests)
         base = d.base_logits(h[:, :L])  # (B, L, Vd) float32: no head rows for slots never drafted
         prev = torch.tensor([r.token_ids[-1] for r in requests], device=d.device)  # (B,) x_0
-        tokens, probs, prevs = [], [], []
+        sampled = [(b, r) for b, r in enumerate(requests) if not r.params.greedy]
+        tokens, prevs = [], []
+        probs: dict[int, list[torch.Tensor]] = {b: [] for b, _ in sampled}
         for k in range(L):  # serial Markov steps: cheap (one r x Vd product each)
             z = base[:, k]
             bias = d.markov_bias(prev)
             if bias is not None:
                 z = z + bias
-            q = torch.cat([probs_from_logits(d.to_full_vocab(z[b:b + 1]), r.params)
-                           for b, r in enumerate(requests)])  # (B, V) float32
-            x = torch.cat([draw(q[b:b + 1], r.params, r.generator) for b, r in enumerate(requests)])  # (B,)
+            # Greedy rows: the argmax in the draft vocabulary (its ids ascend, so ties go to the
+            # lowest target id, as over the full vocabulary); q is the one-hot, left implicit.
+            x = d.to_full_ids(z.argmax(-1))  # (B,)
+            for b, r in sampled:  # sampled rows: the exact full-vocabulary q each token is drawn from
+                q = probs_from_logits(d.to_full_vocab(z[b:b + 1]), r.params)  # (1, V) float32
+                x[b] = draw(q, r.params, r.generator)[0]
+                probs[b].append(q[0])
             prevs.append(prev)
             tokens.append(x)
-            probs.append(q)
             prev = x
         toks = torch.stack(tokens, 1)  # (B, L)
-        qs = torch.stack(probs, 1)  # (B, L, V)
         raw = d.confidence_logits(h[:, :L], torch.stack(prevs, 1))  # (B, L) z_k
         greedy = torch.tensor([r.params.greedy for r in requests], device=d.device)  # (B,)
         conf = None if raw is None else d.calibrated(raw, greedy)  # c_k = sigmoid(z_k / T_k + b_k)
@@ -86,7 +90,8 @@ class DrafterProposer:
             n = min(r.max_tokens, self.max_drafts)
             if raw is not None:
                 self.last_conf_logits[r.seq_id] = raw[b, :n]
-            out.append(Draft(tokens=toks[b, :n].tolist(), probs=qs[b, :n],
+            q = torch.stack(probs[b][:n]) if b in probs else None  # (n, V); None = one-hot
+            out.append(Draft(tokens=toks[b, :n].tolist(), probs=q,
                              confidences=None if conf is None else conf[b, :n]))
         return out
 

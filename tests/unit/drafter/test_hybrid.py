@@ -37,7 +37,7 @@ def test_lookup_wins_when_the_drafter_doubts_and_loses_when_it_is_sure() -> None
     sure, _ = _hybrid(conf_bias=8.0)  # E_ds ~ K > E_ng(4) with the prior p = 0.5
     sure.start(0, REPEAT[:-1])
     (draft,) = sure.propose([_request(REPEAT, torch.randn(len(REPEAT) - 1, 3, 32))])
-    assert draft.probs is not None and len(draft.tokens) == K
+    assert sure.rounds["drafter"] == 1 and len(draft.tokens) == K
 
 
 def test_lookup_acceptance_is_read_from_the_feature_contract_and_skips_the_drafter() -> None:
@@ -59,7 +59,7 @@ def test_lookup_acceptance_is_read_from_the_feature_contract_and_skips_the_draft
     assert sum(f.shape[0] for f in h._stats[0].backlog) == 5
     tokens += [30, 31]  # lookup rejected at once: no match now, so the drafter drafts again
     (draft,) = h.propose([_request(tokens, feats[len(tokens) - 3: len(tokens) - 1])])
-    assert draft.probs is not None and h._stats[0].backlog == []
+    assert h.rounds["drafter"] == 1 and h._stats[0].backlog == []
     assert h.drafter._caches[0].length == len(tokens) - 1  # caught up in one extension
 
 

@@ -28,17 +28,49 @@ def _teacher_forced_probs(d, ids, feats, a, drafted, params) -> torch.Tensor:
     return probs_from_logits(d.to_full_vocab(z), params)
 
 
-def test_greedy_tokens_are_argmax_of_returned_probs() -> None:
+def test_greedy_tokens_are_the_argmax_of_the_markov_corrected_distribution() -> None:
     d, ids, feats = _setup(draft_vocab_size=40)
     prop = DrafterProposer(d, "dspark")
     prop.start(0, ids[:9].tolist())
     params = SamplingParams()
     (draft,) = prop.propose([DraftRequest(0, ids[:10].tolist(), 4, params, new_features=feats[:9])])
-    assert len(draft.tokens) == 4 and draft.probs.shape == (4, VOCAB)
-    assert draft.probs.argmax(-1).tolist() == draft.tokens
+    assert len(draft.tokens) == 4 and draft.probs is None  # greedy: a one-hot q, left implicit
     assert all(t % 2 == 0 and t < 80 for t in draft.tokens)  # inside the draft vocabulary
-    torch.testing.assert_close(draft.probs, _teacher_forced_probs(d, ids, feats, 9, draft.tokens, params))
+    ref = _teacher_forced_probs(d, ids, feats, 9, draft.tokens, params)  # (K, V) one-hots
+    assert ref.argmax(-1).tolist() == draft.tokens
     assert draft.confidences.shape == (4,) and ((draft.confidences > 0) & (draft.confidences < 1)).all()
+
+
+def test_greedy_ties_go_to_the_lowest_target_id() -> None:
+    d, ids, feats = _setup(draft_vocab_size=40)
+    with torch.no_grad():  # every draft logit equal: argmax over the full vocabulary is its lowest id
+        d.target.lm_head.weight.zero_()
+        d.markov_w2.weight.zero_()
+    prop = DrafterProposer(d, "dspark")
+    prop.start(0, ids[:9].tolist())
+    (draft,) = prop.propose([DraftRequest(0, ids[:10].tolist(), 3, SamplingParams(), new_features=feats[:9])])
+    assert draft.tokens == [int(d.draft_vocab_ids.min())] * 3
+
+
+def test_greedy_and_sampled_rows_in_one_batch_draft_as_they_would_alone() -> None:
+    d, ids, feats = _setup(draft_vocab_size=40)
+    sampled = SamplingParams(temperature=0.9, seed=1)
+
+    def run(rows: list[int]) -> dict[int, object]:
+        prop = DrafterProposer(d, "dspark")
+        reqs = []
+        for sid in rows:
+            prop.start(sid, ids[:9].tolist())
+            params = sampled if sid == 1 else SamplingParams()
+            reqs.append(DraftRequest(sid, ids[:10].tolist(), 4, params, new_features=feats[:9],
+                                     generator=torch.Generator().manual_seed(7)))
+        return {sid: dr for sid, dr in zip(rows, prop.propose(reqs), strict=True)}
+
+    both, alone = run([0, 1]), {**run([0]), **run([1])}
+    assert both[0].tokens == alone[0].tokens and both[0].probs is None
+    assert both[1].tokens == alone[1].tokens
+    torch.testing.assert_close(both[1].probs, alone[1].probs)
+    assert both[1].probs.shape == (4, VOCAB)
 
 
 def test_sampled_drafts_return_the_markov_corrected_distribution() -> None:
