@@ -5,8 +5,9 @@ backbone pass for all blocks of the batch, then K serial Markov steps
 
     Z_k = U_k + W1[x_{k-1}] @ W2,   q_k = probs_from_logits(Z_k, params),   x_k ~ q_k
 
-(at T = 0 the argmax, its one-hot q_k left implicit: `Draft.probs` is None), then the confidences of all drafted slots in one call.
-`q_k` is returned as the exact distribution x_k was drawn from, so verification is lossless.
+(at T = 0 the argmax, its one-hot q_k left implicit: `Draft.probs` is None), then the
+confidences of all drafted slots in one call. A sampled `q_k` is returned as the exact
+distribution x_k was drawn from, so verification is lossless.
 """
 
 from __future__ import annotations
