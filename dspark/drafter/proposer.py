@@ -22,7 +22,7 @@ from dspark.drafter.context import ContextCache, block_hidden, extend_context
 from dspark.drafter.model import Drafter
 from dspark.errors import UserError
 from dspark.spec.proposer import Draft, DraftRequest, register_proposer
-from dspark.spec.sampling import draw, probs_from_logits
+from dspark.spec.sampling import draw, greedy, probs_from_logits
 
 
 class DrafterProposer:
@@ -74,7 +74,7 @@ class DrafterProposer:
                 z = z + bias
             # Greedy rows: the argmax in the draft vocabulary (its ids ascend, so ties go to the
             # lowest target id, as over the full vocabulary); q is the one-hot, left implicit.
-            x = d.to_full_ids(z.argmax(-1))  # (B,)
+            x = d.to_full_ids(greedy(z))  # (B,)
             for b, r in sampled:  # sampled rows: the exact full-vocabulary q each token is drawn from
                 q = probs_from_logits(d.to_full_vocab(z[b:b + 1]), r.params)  # (1, V) float32
                 x[b] = draw(q, r.params, r.generator)[0]
@@ -84,8 +84,8 @@ class DrafterProposer:
             prev = x
         toks = torch.stack(tokens, 1)  # (B, L)
         raw = d.confidence_logits(h[:, :L], torch.stack(prevs, 1))  # (B, L) z_k
-        greedy = torch.tensor([r.params.greedy for r in requests], device=d.device)  # (B,)
-        conf = None if raw is None else d.calibrated(raw, greedy)  # c_k = sigmoid(z_k / T_k + b_k)
+        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=d.device)  # (B,)
+        conf = None if raw is None else d.calibrated(raw, greedy_rows)  # c_k = sigmoid(z_k / T_k + b_k)
         out = []
         for b, r in enumerate(requests):
             n = min(r.max_tokens, self.max_drafts)
