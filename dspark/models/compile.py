@@ -4,10 +4,14 @@ The runner pads a step's token count T up to the next bucket and calls `Compiled
 steps (prefill) stay eager. What the compiler sees is `CausalLM.step` over `CacheView`s, so
 slot numbers and lengths are never Python ints in the graph:
 
-- CPU (inductor, `freezing=True`: weights become constants and linears are prepacked for
-  oneDNN/MKL): the context length S (and the batch B, once it is >= 2) are dynamic
+- CPU (inductor, `options={"freezing": True}`): the context length S (and the batch B, once it is >= 2) are dynamic
   dimensions, T is static. One graph per (bucket, B == 1 or not, mask or not, tapped layers); a batch
-  in scattered slots (a gather) runs eager.
+  in scattered slots (a gather) runs eager. Under torch 2.13 that option does not freeze
+  anything: dynamo lifts the parameters to graph inputs unless the *global*
+  `torch._inductor.config.freezing` is on while it traces, so the linears run as `aten::mm`
+  over the live weights. Forcing it (the config patched around the call) packs them for
+  oneDNN/MKL, but measured no faster in bf16 (docs/performance.md), and it keeps a second
+  copy of every weight, so it is not done.
 - CUDA (`mode="reduce-overhead"`, CUDA graphs): shapes are fully static. The context spans
   the whole cache (`ForwardBatch.build(context=...)`), slots are gathered inside the graph
   from stores at fixed addresses, and there is one graph per (bucket, B).

@@ -11,7 +11,7 @@ oneDNN against 3.9 ms plain). `prepack` rewrites a model's linears in place:
   `torch.mm(x, W^T)`, no extra memory.
 - bfloat16 with oneDNN: `PackedLinear` keeps `weight` and adds a blocked copy for
   `torch.ops.mkldnn._linear_pointwise` (bit-identical to `F.linear`). Under `torch.compile`
-  the module falls back to `F.linear`, and inductor's freezing packs the weight itself.
+  the module falls back to `F.linear` (an `aten::mm` in the graph; see dspark/models/compile.py on freezing).
 - the tied LM head keeps `lm_head.weight` as the embedding's (V, d) matrix (the drafter reads
   its rows); only its compute copy is laid out (fp32: (d, V); bf16: oneDNN blocked).
 
