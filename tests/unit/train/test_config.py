@@ -28,3 +28,18 @@ def test_unknown_fields_are_rejected(tmp_path) -> None:
     p.write_text("data: x\nout: y\nlearning_rate: 1\n")
     with pytest.raises(UserError, match="learning_rate"):
         TrainConfig.load(p)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "ab").glob("*.yaml")))
+def test_ab_configs_validate_and_fresh_machine_stages_need_only_the_repo(name: str, monkeypatch, tmp_path) -> None:
+    """Every A/B arm loads; an arm that continues a checkpoint committed to the repo (the next
+    training stage, run by a later session on a possibly fresh machine) reads only data
+    committed to the repo too."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    cfg = TrainConfig.load(CONFIGS / "ab" / name)
+    repo = CONFIGS.parents[2]
+    if cfg.init_from is None or cfg.init_from.startswith(str(tmp_path)):
+        return
+    assert (repo / cfg.init_from / "model.safetensors").is_file(), cfg.init_from
+    data = cfg.data if isinstance(cfg.data, list) else [cfg.data]
+    assert all((repo / d).is_file() for d in data), data
