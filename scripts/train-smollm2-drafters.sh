@@ -30,11 +30,7 @@ for m in dspark dflash; do  # stage 2's warm start: the shipped weights as they 
   [ -d "$R/shipped/$m" ] || cp -r "$CK/$m" "$R/shipped/$m"
 done
 $DS data prepare >&2                                          # ShareGPT train/dev prompts
-if [ ! -s "$R/regen/dev.jsonl" ]; then                        # the held-out set (96 dev prompts)
-  mkdir -p "$R/regen" && head -96 "$C/data/sharegpt/dev.jsonl" > "$R/regen/dev-prompts.jsonl"
-  $DS data regenerate --data "$R/regen/dev-prompts.jsonl" --out "$R/regen/dev.jsonl" --dtype bfloat16 \
-      --batch 64 --max-new-tokens 256 --max-prompt-tokens 512 --seed 7
-fi
+scripts/heldout-smollm2.sh                                    # the held-out set (committed)
 for s in $STAGES; do
   suffix=$([ "$s" = 1 ] && echo "" || echo "-stage$s")
   for m in dspark dflash; do

@@ -64,13 +64,17 @@ def load_drafter(directory: str | Path, target: CausalLM, dtype: torch.dtype | N
     return drafter.eval().requires_grad_(False)
 
 
-def load_weights(drafter: Drafter, state: dict[str, torch.Tensor]) -> None:
+def load_weights(drafter: Drafter, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load a drafter state dict. States from before calibration offsets get offsets 0; from
-    before the greedy calibration, the greedy one starts as a copy of the sampled one."""
+    before the greedy calibration, the greedy one starts as a copy of the sampled one.
+    `strict=False` admits only missing layers (a drafter grown by layers the state lacks)."""
     state = {"conf_offset": torch.zeros(drafter.cfg.block_size), **state}
     state.setdefault("conf_temperature_greedy", state["conf_temperature"].clone())
     state.setdefault("conf_offset_greedy", state["conf_offset"].clone())
-    drafter.load_state_dict(state)
+    missing, unexpected = drafter.load_state_dict(state, strict=strict)
+    other = [k for k in missing if not k.startswith("layers.")] + list(unexpected)
+    if other:
+        raise ValueError(f"drafter state does not match: {other[:8]}")
 
 
 def save_calibration(directory: str | Path, temperatures: torch.Tensor, offsets: torch.Tensor,

@@ -149,6 +149,32 @@ class Drafter(nn.Module):
             with torch.no_grad():
                 self.mask_embedding.copy_(self.target.model.embed_tokens.weight.float().mean(0))
 
+    @torch.no_grad()
+    def init_layer_from_target(self, i: int, target_layer: int, identity: bool = True) -> None:
+        """Start drafter layer `i` from target layer `target_layer`: its q/k/v, gate/up
+        projections and pre-norms are copied (fused target projections split; biases, qk-norms
+        and Gemma's extra norms have no counterpart and keep their defaults). With `identity`
+        the layer's two residual outputs (`o_proj`, `down_proj`) start at zero, so the layer
+        adds nothing until it trains: a drafter grown by such a layer drafts exactly as before
+        (the stable way to add depth to a trained drafter); without it they are copied too."""
+        src, dst = self.target.model.layers[target_layer], self.layers[i]
+        attn = src.self_attn
+        q, k, v = attn.qkv_proj.weight.split(attn.split, dim=0)
+        gate, up = src.mlp.gate_up_proj.weight.chunk(2, dim=0)
+        copies = [(dst.q_proj, q), (dst.k_proj, k), (dst.v_proj, v),
+                  (dst.mlp.gate_proj, gate), (dst.mlp.up_proj, up)]
+        if not identity:
+            copies += [(dst.o_proj, attn.o_proj.weight), (dst.mlp.down_proj, src.mlp.down_proj.weight)]
+        for mod, w in copies:
+            mod.weight.copy_(w)
+        for norm, tnorm in ((dst.input_layernorm, src.input_layernorm),
+                            (dst.post_attention_layernorm,
+                             src.pre_feedforward_layernorm if src.gemma else src.post_attention_layernorm)):
+            norm.weight.copy_(tnorm.weight.float() + 1.0 if tnorm.gemma else tnorm.weight)
+        if identity:
+            dst.o_proj.weight.zero_()
+            dst.mlp.down_proj.weight.zero_()
+
     @property
     def device(self) -> torch.device:
         return self.fc.weight.device

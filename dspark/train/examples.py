@@ -134,7 +134,7 @@ def _memoised(p: Path, tok: ChatTokenizer, max_len: int, limit: int | None) -> l
         return [Example(**d) for d in torch.load(memo)]
     examples = _read(p, tok, max_len, limit)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(".tmp")
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")  # two runs may build the same memo at once
     torch.save([dataclasses.asdict(e) for e in examples], tmp)
     os.replace(tmp, memo)
     return examples

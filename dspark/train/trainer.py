@@ -181,17 +181,25 @@ class Trainer:
             raise UserError(f"init_from: neither a training checkpoint ({state_path}) nor a drafter "
                             f"checkpoint at {run}")
         shape, dflash = self.cfg.drafter, self.cfg.method == "dflash"
-        want = (shape.num_layers, shape.block_size, 0 if dflash else shape.markov_rank, not dflash,
+        want = (shape.block_size, 0 if dflash else shape.markov_rank, not dflash,
                 shape.gamma, shape.draft_vocab_size, shape.direct_path)
-        got = (dcfg.num_layers, dcfg.block_size, dcfg.markov_rank, dcfg.confidence_head, dcfg.gamma,
+        got = (dcfg.block_size, dcfg.markov_rank, dcfg.confidence_head, dcfg.gamma,
                dcfg.draft_vocab_size, dcfg.direct_path)
-        if got != want:
-            raise UserError(f"init_from {run}: (layers, K, rank, confidence, gamma, draft vocab, direct path) "
-                            f"{got} != this config's {want}")
+        if got != want or dcfg.num_layers > shape.num_layers:
+            raise UserError(f"init_from {run}: (K, rank, confidence, gamma, draft vocab, direct path) {got} "
+                            f"must equal this config's {want} and its {dcfg.num_layers} layers be at most "
+                            f"this config's {shape.num_layers}")
         if dcfg.mask_token_id < dcfg.vocab_size and token_counts(self.examples, dcfg.vocab_size)[dcfg.mask_token_id]:
             raise UserError(f"init_from {run}: its MASK id {dcfg.mask_token_id} occurs in this data")
-        drafter = Drafter(dcfg, self.target)
-        load_weights(drafter, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+        old_layers = dcfg.num_layers
+        drafter = Drafter(dcfg.model_copy(update={"num_layers": shape.num_layers}), self.target)
+        load_weights(drafter, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                     strict=old_layers == shape.num_layers)
+        # Growing: the new layers go on top, started from the target's last layers with their
+        # residual outputs at zero, so step 0 drafts exactly as the checkpoint did.
+        n_target = self.target.cfg.num_layers
+        for i in range(old_layers, shape.num_layers):
+            drafter.init_layer_from_target(i, n_target - shape.num_layers + i)
         return drafter
 
     def _epoch_order(self, epoch: int) -> list[int]:

@@ -165,3 +165,46 @@ def test_steps_per_capture_slices_one_capture_and_resumes_exactly(tmp_path, monk
     again.train(progress=False)
     for (name, p), q in zip(full.drafter.state_dict().items(), again.drafter.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_warm_start_grows_layers_from_the_target_without_changing_the_drafts(tmp_path) -> None:
+    from dspark.errors import UserError
+
+    target = tiny_target()
+    first = _trainer(tmp_path / "a", target, max_steps=3)
+    first.train(progress=False)
+    two = DrafterShape(num_layers=2, block_size=4, markov_rank=4, draft_vocab_size=60)
+    grown = _trainer(tmp_path / "b", target, init_from=str(tmp_path / "a"), drafter=two, lr=1e-2)
+    assert grown.drafter.cfg.num_layers == 2
+    for name, p in first.drafter.state_dict().items():  # every old weight, the old layer included
+        assert torch.equal(p, grown.drafter.state_dict()[name]), name
+    # The new top layer starts as the target's last one, its residual outputs at zero ...
+    new, src = grown.drafter.layers[1], target.model.layers[-1]
+    q, k, _ = src.self_attn.qkv_proj.weight.split(src.self_attn.split, dim=0)
+    assert torch.equal(new.q_proj.weight, q) and torch.equal(new.k_proj.weight, k)
+    assert torch.equal(new.mlp.up_proj.weight, src.mlp.gate_up_proj.weight.chunk(2, dim=0)[1])
+    assert not new.o_proj.weight.any() and not new.mlp.down_proj.weight.any()
+    # ... so the grown drafter's logits and confidences are the old ones exactly.
+    tb, blocks = first._micro_batch(EXAMPLES[:2])
+    with torch.no_grad():
+        a = first.drafter.forward_train(tb.taps, tb.input_ids, blocks.anchors)
+        b = grown.drafter.forward_train(tb.taps, tb.input_ids, blocks.anchors)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.conf_logits, b.conf_logits)
+    grown.train(progress=False)  # and the new layer learns: its zero outputs move
+    assert grown.drafter.layers[1].o_proj.weight.any() and grown.drafter.layers[1].mlp.down_proj.weight.any()
+    with pytest.raises(UserError, match="at most"):  # a checkpoint never shrinks
+        _trainer(tmp_path / "c", target, init_from=str(tmp_path / "b"))
+
+
+def test_a_layer_copied_whole_from_the_target_takes_its_residual_outputs_too() -> None:
+    from dspark.drafter.config import DrafterConfig
+    from dspark.drafter.model import Drafter
+
+    target = tiny_target()
+    cfg = DrafterConfig.for_target("tiny", target.cfg, num_layers=1, block_size=4, mask_token_id=VOCAB)
+    d = Drafter(cfg, target)
+    d.init_layer_from_target(0, 0, identity=False)
+    src = target.model.layers[0]
+    assert torch.equal(d.layers[0].o_proj.weight, src.self_attn.o_proj.weight)
+    assert torch.equal(d.layers[0].mlp.down_proj.weight, src.mlp.down_proj.weight)
+    assert torch.equal(d.layers[0].input_layernorm.weight, src.input_layernorm.weight)
