@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,8 @@ def test_ab_configs_validate_and_fresh_machine_stages_need_only_the_repo(name: s
     assert (repo / cfg.init_from / "model.safetensors").is_file(), cfg.init_from
     data = cfg.data if isinstance(cfg.data, list) else [cfg.data]
     assert all((repo / d).is_file() for d in data), data
+    if "stops with a shape error" in (CONFIGS / "ab" / name).read_text():  # a finished arm: the record of a run
+        return
+    start = json.loads((repo / cfg.init_from / "config.json").read_text())  # the warm start must fit it
+    assert start["num_layers"] <= cfg.drafter.num_layers and start["block_size"] == cfg.drafter.block_size
+    assert start["markov_rank"] == cfg.drafter.markov_rank and start["draft_vocab_size"] == cfg.drafter.draft_vocab_size
