@@ -208,3 +208,15 @@ def test_a_layer_copied_whole_from_the_target_takes_its_residual_outputs_too() -
     assert torch.equal(d.layers[0].o_proj.weight, src.self_attn.o_proj.weight)
     assert torch.equal(d.layers[0].mlp.down_proj.weight, src.mlp.down_proj.weight)
     assert torch.equal(d.layers[0].input_layernorm.weight, src.input_layernorm.weight)
+
+
+def test_a_grown_start_still_refuses_a_state_missing_part_of_a_layer_it_has(tmp_path) -> None:
+    from dspark.drafter.checkpoint import load_weights
+
+    first = _trainer(tmp_path / "a", max_steps=1)
+    state = {k: v for k, v in first.drafter.state_dict().items() if k != "layers.0.q_proj.weight"}
+    with pytest.raises(ValueError, match="layers.0.q_proj"):
+        load_weights(first.drafter, state, strict=False)
+    with pytest.raises(ValueError, match="markov_w1"):
+        load_weights(first.drafter, {k: v for k, v in first.drafter.state_dict().items() if k != "markov_w1.weight"},
+                     strict=False)
